@@ -1,0 +1,269 @@
+//! The wire layer: the only module that knows HTTP, Connect/gRPC framing and the proto
+//! request/response types. Routes, one dispatch per RPC, health and metrics.
+
+pub mod connect;
+pub mod error;
+pub mod health;
+pub mod tenant;
+pub mod vm_service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use self::connect::Rpc;
+use self::error::{Code, RpcError};
+use crate::service::{self, Caller, VmService};
+use crate::telemetry::Metrics;
+
+/// The VmService path prefix (the proto package decides it; part of the wire contract).
+pub const SERVICE_PATH: &str = "/metal.vmprovisioner.v1.VmService/";
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Arc<VmService>,
+    pub metrics: Arc<Metrics>,
+    pub started: Instant,
+}
+
+/// All routes of the main listener.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metal.vmprovisioner.v1.VmService/{method}", post(rpc))
+        .route("/health", get(health::health))
+        .route("/metrics", get(metrics))
+        .fallback(unknown)
+        .with_state(state)
+}
+
+/// The routes of the separate Prometheus listener.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health::health))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    let body = app.metrics.render(app.service.index());
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        body,
+    )
+        .into_response()
+}
+
+/// Anything else: an unknown RPC gets `unimplemented` in its own protocol (HTTP 404 for
+/// Connect), everything else a plain 404 with a Connect error body.
+async fn unknown(request: Request) -> Response {
+    let path = request.uri().path().to_owned();
+    let err = RpcError::new(
+        Code::Unimplemented,
+        format!("no such method or path: {path}"),
+    );
+    if request.method() == http::Method::POST {
+        if let Ok(rpc) = connect::negotiate(request.headers()) {
+            if rpc.protocol != connect::Protocol::Connect {
+                return connect::error_response(&rpc, &err);
+            }
+        }
+    }
+    let mut response = connect::connect_error(&err);
+    *response.status_mut() = http::StatusCode::NOT_FOUND;
+    response
+}
+
+async fn rpc(
+    State(app): State<AppState>,
+    Path(method): Path<String>,
+    request: Request,
+) -> Response {
+    let started = Instant::now();
+    let rpc = match connect::negotiate(request.headers()) {
+        Ok(rpc) => rpc,
+        Err(response) => return response,
+    };
+    let (parts, body) = request.into_parts();
+    let call = Call {
+        app: &app,
+        rpc: &rpc,
+        headers: &parts.headers,
+        body,
+    };
+    let outcome = match method.as_str() {
+        "CreateVm" => call.unary(vm_service::create_vm).await,
+        "BootVm" => call.unary(vm_service::boot_vm).await,
+        "ShutdownVm" => call.unary(vm_service::shutdown_vm).await,
+        "PauseVm" => call.unary(vm_service::pause_vm).await,
+        "ResumeVm" => call.unary(vm_service::resume_vm).await,
+        "RebootVm" => call.unary(vm_service::reboot_vm).await,
+        "DeleteVm" => call.unary(vm_service::delete_vm).await,
+        "GetVmInfo" => call.unary(vm_service::get_vm_info).await,
+        "ListVms" => call.unary(vm_service::list_vms).await,
+        other => {
+            let err = RpcError::new(
+                Code::Unimplemented,
+                format!("{SERVICE_PATH}{other} is not a VmService method"),
+            );
+            let mut response = connect::error_response(&rpc, &err);
+            if rpc.protocol == connect::Protocol::Connect {
+                *response.status_mut() = http::StatusCode::NOT_FOUND;
+            }
+            return response;
+        }
+    };
+    let elapsed = started.elapsed();
+    let code = outcome.code;
+    app.metrics.record_rpc(&method, code.as_str(), elapsed);
+    let message = outcome
+        .error
+        .as_ref()
+        .map(|e| e.message.as_str())
+        .unwrap_or_default();
+    if matches!(code, Code::Internal | Code::Unknown) {
+        tracing::error!(
+            method,
+            code = code.as_str(),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            customer = outcome.customer,
+            vm_id = outcome.vm_id,
+            error = message,
+            "rpc"
+        );
+    } else {
+        tracing::info!(
+            method,
+            code = code.as_str(),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            customer = outcome.customer,
+            vm_id = outcome.vm_id,
+            error = message,
+            "rpc"
+        );
+    }
+    outcome.response
+}
+
+/// One request in flight.
+struct Call<'a> {
+    app: &'a AppState,
+    rpc: &'a Rpc,
+    headers: &'a http::HeaderMap,
+    body: Body,
+}
+
+/// What happened, for the log line and metrics.
+struct Outcome {
+    response: Response,
+    code: Code,
+    error: Option<RpcError>,
+    customer: String,
+    vm_id: String,
+}
+
+/// Requests that name a VM, for logs.
+trait NamesVm {
+    fn vm_id(&self) -> &str;
+}
+
+macro_rules! names_vm {
+    ($($t:ty),*) => {$(impl NamesVm for $t { fn vm_id(&self) -> &str { &self.vm_id } })*};
+}
+use crate::proto::vmprovisioner as pb;
+names_vm!(
+    pb::CreateVmRequest,
+    pb::BootVmRequest,
+    pb::ShutdownVmRequest,
+    pb::PauseVmRequest,
+    pb::ResumeVmRequest,
+    pb::RebootVmRequest,
+    pb::DeleteVmRequest,
+    pb::GetVmInfoRequest
+);
+impl NamesVm for pb::ListVmsRequest {
+    fn vm_id(&self) -> &str {
+        ""
+    }
+}
+
+impl Call<'_> {
+    /// Authenticate, read, decode, run, encode. The service call runs in its own task: once
+    /// started it finishes even if the deadline passes or the client goes away, so no
+    /// operation is left half-done.
+    async fn unary<Req, Resp, F, Fut>(self, handler: F) -> Outcome
+    where
+        Req: prost::Message + Default + serde::de::DeserializeOwned + NamesVm + Send + 'static,
+        Resp: prost::Message + serde::Serialize + Send + 'static,
+        F: FnOnce(Arc<VmService>, Caller, Req) -> Fut,
+        Fut: Future<Output = Result<Resp, service::Error>> + Send + 'static,
+    {
+        let rpc = self.rpc;
+        let mut outcome = Outcome {
+            response: Response::default(),
+            code: Code::Ok,
+            error: None,
+            customer: String::new(),
+            vm_id: String::new(),
+        };
+        match self.run(handler, &mut outcome).await {
+            Ok(resp) => outcome.response = connect::respond(rpc, &resp),
+            Err(err) => {
+                outcome.code = err.code;
+                outcome.response = connect::error_response(rpc, &err);
+                outcome.error = Some(err);
+            }
+        }
+        outcome
+    }
+
+    async fn run<Req, Resp, F, Fut>(
+        self,
+        handler: F,
+        outcome: &mut Outcome,
+    ) -> Result<Resp, RpcError>
+    where
+        Req: prost::Message + Default + serde::de::DeserializeOwned + NamesVm + Send + 'static,
+        Resp: Send + 'static,
+        F: FnOnce(Arc<VmService>, Caller, Req) -> Fut,
+        Fut: Future<Output = Result<Resp, service::Error>> + Send + 'static,
+    {
+        let caller = tenant::caller(self.headers)?;
+        outcome.customer = caller.customer_id.clone();
+        let bytes = connect::read_message(self.rpc, self.body).await?;
+        let request: Req = connect::decode(self.rpc, &bytes)?;
+        outcome.vm_id = request.vm_id().to_owned();
+        let task = tokio::spawn(handler(self.app.service.clone(), caller, request));
+        let joined = match self.rpc.deadline {
+            Some(deadline) => match tokio::time::timeout(deadline, task).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    return Err(RpcError::new(
+                        Code::DeadlineExceeded,
+                        format!(
+                            "deadline of {} ms passed; the operation continues in the background",
+                            deadline.as_millis()
+                        ),
+                    ))
+                }
+            },
+            None => task.await,
+        };
+        match joined {
+            Ok(result) => result.map_err(RpcError::from),
+            Err(join) => {
+                tracing::error!(error = %join, "rpc task failed");
+                Err(RpcError::new(
+                    Code::Internal,
+                    "internal error; see the metald log",
+                ))
+            }
+        }
+    }
+}

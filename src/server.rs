@@ -1,0 +1,102 @@
+//! Wires state and background tasks together, serves the listeners, and shuts down in a
+//! written-down order.
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, AppState};
+use crate::backend::DockerBackend;
+use crate::config::Config;
+use crate::service::{watch, VmService};
+use crate::telemetry::Metrics;
+
+/// How long in-flight RPCs may take to finish after a shutdown signal (spec §2).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves metald on `listener` until `shutdown` resolves. Shutdown order: stop accepting,
+/// drain in-flight RPCs (at most [`DRAIN_TIMEOUT`]), cancel background tasks and wait for
+/// them. VMs keep running.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let backend = DockerBackend::new(config.docker.clone())?;
+    let service = Arc::new(VmService::new(backend, config.scope.clone()));
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(watch::run(service.clone(), cancel.clone()));
+
+    let state = AppState {
+        service,
+        metrics: Arc::new(Metrics::default()),
+        started: Instant::now(),
+    };
+    if config.otel.enabled && config.otel.prometheus_enabled {
+        let addr = (
+            config.otel.prometheus_interface,
+            config.otel.prometheus_port,
+        );
+        let metrics_listener = TcpListener::bind(addr).await?;
+        tracing::info!(address = %metrics_listener.local_addr()?, "prometheus listener");
+        let router = api::metrics_router(state.clone());
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            let _ = axum::serve(metrics_listener, router)
+                .with_graceful_shutdown(cancel.cancelled_owned())
+                .await;
+        });
+    }
+
+    tracing::info!(address = %listener.local_addr()?, scope = config.scope, "metald listening");
+    let draining = CancellationToken::new();
+    let signal = {
+        let draining = draining.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining in-flight requests");
+            draining.cancel();
+        }
+    };
+    let serve = axum::serve(listener, api::router(state)).with_graceful_shutdown(signal);
+    tokio::select! {
+        result = serve.into_future() => result?,
+        _ = async { draining.cancelled().await; tokio::time::sleep(DRAIN_TIMEOUT).await } => {
+            tracing::warn!("drain timeout passed; exiting with requests still in flight");
+        }
+    }
+    cancel.cancel();
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop in time");
+    }
+    tracing::info!("metald stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,394 @@
+//! VmService use-cases: authorize → validate → plan (vm::state) → backend → index.
+//!
+//! Knows tenancy, validation and the lifecycle; knows neither HTTP nor bollard.
+
+pub mod error;
+pub mod validate;
+pub mod watch;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prost::Message as _;
+
+pub use error::Error;
+
+use crate::backend::{self, ContainerSpec, ContainerView, DockerBackend, VmLabels};
+use crate::proto::vmprovisioner::VmConfig;
+use crate::vm::index::VmIndex;
+use crate::vm::state::{self, Action, Op};
+use crate::vm::{VmId, VmSnapshot, VmState};
+
+/// Who is calling, as established by the wire layer from the bearer token and X-Tenant-ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub customer_id: String,
+    pub tenant_id: String,
+}
+
+/// A CreateVm request, wire types already stripped.
+#[derive(Debug, Clone, Default)]
+pub struct CreateVm {
+    pub vm_id: String,
+    pub customer_id: String,
+    pub config: Option<VmConfig>,
+}
+
+/// One page of ListVms.
+#[derive(Debug)]
+pub struct VmList {
+    pub vms: Vec<Arc<VmSnapshot>>,
+    pub next_page_token: String,
+    pub total_count: usize,
+}
+
+/// The VM service: one per process, shared by all requests.
+pub struct VmService {
+    backend: DockerBackend,
+    index: Arc<VmIndex>,
+    scope: String,
+    /// True while the index is known to match Docker (event stream up, last re-list done).
+    docker_up: Arc<AtomicBool>,
+}
+
+impl VmService {
+    pub fn new(backend: DockerBackend, scope: impl Into<String>) -> Self {
+        Self {
+            backend,
+            index: Arc::new(VmIndex::default()),
+            scope: scope.into(),
+            docker_up: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn index(&self) -> &VmIndex {
+        &self.index
+    }
+
+    pub fn backend(&self) -> &DockerBackend {
+        &self.backend
+    }
+
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// Whether the index is in step with a reachable engine.
+    pub fn docker_up(&self) -> bool {
+        self.docker_up.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_docker_up(&self, up: bool) {
+        self.docker_up.store(up, Ordering::Release);
+    }
+
+    fn require_docker(&self) -> Result<(), Error> {
+        if self.docker_up() {
+            Ok(())
+        } else {
+            Err(Error::Unavailable(
+                "docker engine unreachable; metald reconnects by itself, retry shortly".into(),
+            ))
+        }
+    }
+
+    /// CreateVm: makes the container (not started). Idempotent for the same id, customer and
+    /// config.
+    pub async fn create(&self, caller: &Caller, req: CreateVm) -> Result<Arc<VmSnapshot>, Error> {
+        if !req.customer_id.is_empty() && req.customer_id != caller.customer_id {
+            return Err(Error::PermissionDenied(format!(
+                "customer_id {:?} is not the caller's customer",
+                req.customer_id
+            )));
+        }
+        let spec = validate::vm_spec(req.config.as_ref(), self.backend.engine().ncpu)?;
+        let vm_id = if req.vm_id.is_empty() {
+            VmId::generate()
+        } else {
+            VmId::parse(&req.vm_id).map_err(|why| Error::InvalidArgument(format!("vm_id {why}")))?
+        };
+        let config = req.config.unwrap_or_default();
+        let config_bytes = config.encode_to_vec();
+        self.require_docker()?;
+
+        if let Some(slot) = self.index.get(&vm_id) {
+            return same_vm(slot.snapshot(), caller, &config_bytes);
+        }
+        self.backend
+            .ensure_image(&spec.image)
+            .await
+            .map_err(|e| image_error(&spec.image, e))?;
+
+        let now = SystemTime::now();
+        let labels = VmLabels {
+            vm_id: vm_id.to_string(),
+            scope: self.scope.clone(),
+            customer_id: caller.customer_id.clone(),
+            config: config_bytes.clone(),
+            created_at_nanos: crate::vm::unix_nanos(now),
+        };
+        let container = ContainerSpec {
+            name: backend::labels::container_name(&self.scope, vm_id.as_str()),
+            image: spec.image.clone(),
+            env: spec.env.clone(),
+            labels,
+            ports: spec.ports.clone(),
+            nano_cpus: spec.vcpus * 1_000_000_000,
+            memory_bytes: spec.memory_bytes,
+        };
+        let container_id = match self.backend.create(&container).await {
+            Ok(id) => id,
+            // The name is taken: a retry of this create, or a different VM under that id.
+            Err(e) if matches!(e.kind, backend::ErrorKind::Conflict(_)) => {
+                let existing = self
+                    .backend
+                    .inspect(&container.name)
+                    .await
+                    .map_err(|e| Error::from_backend(vm_id.as_str(), e))?;
+                let snapshot = self.snapshot_of(existing).map_err(|why| {
+                    Error::AlreadyExists(format!(
+                        "vm {vm_id}: a container of that name exists ({why})"
+                    ))
+                })?;
+                let snapshot = self.index.upsert(snapshot).snapshot();
+                return same_vm(snapshot, caller, &config_bytes);
+            }
+            Err(e) => return Err(Error::from_backend(vm_id.as_str(), e)),
+        };
+        match self.observe(&container_id).await {
+            Ok(snapshot) => {
+                tracing::info!(vm_id = %vm_id, container_id, image = spec.image, "vm created");
+                Ok(self.index.upsert(snapshot).snapshot())
+            }
+            Err(e) => {
+                // Never leave a VM the caller was told failed.
+                if let Err(cleanup) = self.backend.remove(&container_id, true).await {
+                    tracing::warn!(vm_id = %vm_id, error = %cleanup, "could not remove container after failed create");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Boot, Shutdown, Pause, Resume, Reboot, Delete: one lifecycle operation, serialised with
+    /// every other operation on the same VM. Returns the state after it (`None` once deleted).
+    pub async fn apply(
+        &self,
+        caller: &Caller,
+        vm_id: &str,
+        op: Op,
+    ) -> Result<Option<VmState>, Error> {
+        let id = validate::existing_vm_id(vm_id)?;
+        self.require_docker()?;
+        let slot = self
+            .index
+            .get(&id)
+            .ok_or_else(|| Error::vm_not_found(vm_id))?;
+        authorize(caller, &slot.snapshot())?;
+
+        let _serialised = slot.op_lock.lock().await;
+        if slot.is_removed() {
+            return Err(Error::vm_not_found(vm_id));
+        }
+        let container_id = slot.snapshot().container_id.clone();
+        // Plan on a fresh observation, not on what the index last heard.
+        let current = self.refresh_locked(&id, &container_id).await?;
+        let action = state::plan(current.state, op)
+            .map_err(|r| Error::FailedPrecondition(format!("vm {vm_id}: {r}")))?;
+        let expected = state::state_after(current.state, action);
+        if action == Action::NoOp {
+            return Ok(Some(current.state));
+        }
+        let result = self.execute(&container_id, action).await;
+        match result {
+            Ok(()) => {}
+            Err(e) if e.kind == backend::ErrorKind::NotModified => {}
+            Err(e) if e.is_not_found() => {
+                self.index.remove(&id, Some(&container_id));
+                return Err(Error::vm_not_found(vm_id));
+            }
+            // Docker disagrees about the state (it changed behind our back): look again; if it
+            // is already where we were going, the operation is done.
+            Err(e) if matches!(e.kind, backend::ErrorKind::Conflict(_)) => {
+                let now = self.refresh_locked(&id, &container_id).await?;
+                if Some(now.state) != expected {
+                    return Err(Error::from_backend(vm_id, e));
+                }
+            }
+            Err(e) => return Err(Error::from_backend(vm_id, e)),
+        }
+        if expected.is_none() {
+            self.index.remove(&id, Some(&container_id));
+            tracing::info!(vm_id, container_id, "vm deleted");
+            return Ok(None);
+        }
+        let after = self.refresh_locked(&id, &container_id).await?;
+        tracing::info!(vm_id, op = op.name(), state = %after.state, "vm operation done");
+        Ok(Some(after.state))
+    }
+
+    /// GetVmInfo: from the index, never a Docker call.
+    pub fn info(&self, caller: &Caller, vm_id: &str) -> Result<Arc<VmSnapshot>, Error> {
+        let id = validate::existing_vm_id(vm_id)?;
+        self.require_docker()?;
+        let slot = self
+            .index
+            .get(&id)
+            .ok_or_else(|| Error::vm_not_found(vm_id))?;
+        let snapshot = slot.snapshot();
+        authorize(caller, &snapshot)?;
+        Ok(snapshot)
+    }
+
+    /// ListVms: the caller's VMs, newest first, from the index.
+    pub fn list(
+        &self,
+        caller: &Caller,
+        states: &[VmState],
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<VmList, Error> {
+        let size = validate::page_size(page_size)?;
+        let after = validate::page_token(page_token)?;
+        self.require_docker()?;
+        let page = self
+            .index
+            .list(&caller.customer_id, states, after.as_ref(), size);
+        Ok(VmList {
+            vms: page.vms,
+            next_page_token: page
+                .next
+                .as_ref()
+                .map(validate::encode_page_token)
+                .unwrap_or_default(),
+            total_count: page.total,
+        })
+    }
+
+    async fn execute(&self, container: &str, action: Action) -> Result<(), backend::Error> {
+        match action {
+            Action::Start => self.backend.start(container).await,
+            Action::Stop { grace } => self.backend.stop(container, grace).await,
+            Action::Kill => self.backend.kill(container).await,
+            Action::Pause => self.backend.pause(container).await,
+            Action::Unpause => self.backend.unpause(container).await,
+            Action::Restart { grace } => self.backend.restart(container, grace).await,
+            Action::Remove { force } => self.backend.remove(container, force).await,
+            Action::NoOp => Ok(()),
+        }
+    }
+
+    /// Inspects a VM's container and records what it is now. Caller holds the VM's op lock.
+    async fn refresh_locked(
+        &self,
+        id: &VmId,
+        container_id: &str,
+    ) -> Result<Arc<VmSnapshot>, Error> {
+        match self.observe(container_id).await {
+            Ok(snapshot) => Ok(self.index.upsert(snapshot).snapshot()),
+            Err(Error::NotFound(_)) => {
+                self.index.remove(id, Some(container_id));
+                Err(Error::vm_not_found(id.as_str()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn observe(&self, container: &str) -> Result<VmSnapshot, Error> {
+        let view = self
+            .backend
+            .inspect(container)
+            .await
+            .map_err(|e| Error::from_backend(container, e))?;
+        self.snapshot_of(view).map_err(Error::Internal)
+    }
+
+    /// A container → the VM it holds, if it is a valid VM of this scope.
+    pub(crate) fn snapshot_of(&self, view: ContainerView) -> Result<VmSnapshot, String> {
+        let labels = backend::docker::vm_labels(&view)?;
+        if labels.scope != self.scope {
+            return Err(format!("belongs to scope {:?}", labels.scope));
+        }
+        let vm_id = VmId::parse(&labels.vm_id).map_err(|why| format!("label vm id {why}"))?;
+        let config = VmConfig::decode(labels.config.as_slice())
+            .map_err(|e| format!("config label does not decode: {e}"))?;
+        let created_at =
+            SystemTime::UNIX_EPOCH + Duration::from_nanos(labels.created_at_nanos.max(0) as u64);
+        let state = VmState::from_docker_status(&view.status);
+        let modified_at = [Some(created_at), view.started_at, view.finished_at]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(created_at);
+        Ok(VmSnapshot {
+            vm_id,
+            customer_id: labels.customer_id,
+            config: Arc::new(config),
+            config_bytes: Arc::new(labels.config),
+            created_at,
+            container_id: view.id,
+            container_name: view.name,
+            image: view.image,
+            state,
+            docker_status: view.status,
+            started_at: view.started_at,
+            finished_at: view.finished_at,
+            exit_code: view.exit_code,
+            network: view.network,
+            modified_at,
+        })
+    }
+}
+
+/// The one tenancy rule: a VM is visible only to its customer.
+fn authorize(caller: &Caller, vm: &VmSnapshot) -> Result<(), Error> {
+    if vm.customer_id == caller.customer_id {
+        Ok(())
+    } else {
+        Err(Error::PermissionDenied(format!(
+            "vm {} belongs to another customer",
+            vm.vm_id
+        )))
+    }
+}
+
+/// Idempotent create: the existing VM is the answer when customer and config match.
+fn same_vm(
+    existing: Arc<VmSnapshot>,
+    caller: &Caller,
+    config_bytes: &[u8],
+) -> Result<Arc<VmSnapshot>, Error> {
+    if existing.customer_id != caller.customer_id {
+        return Err(Error::AlreadyExists(format!(
+            "vm {} already exists",
+            existing.vm_id
+        )));
+    }
+    if existing.config_bytes.as_slice() != config_bytes {
+        return Err(Error::AlreadyExists(format!(
+            "vm {} already exists with a different config",
+            existing.vm_id
+        )));
+    }
+    Ok(existing)
+}
+
+fn image_error(image: &str, e: backend::Error) -> Error {
+    match e.kind {
+        backend::ErrorKind::Unavailable(reason) => Error::Unavailable(format!(
+            "docker engine unreachable during {}: {reason}",
+            e.op
+        )),
+        backend::ErrorKind::Rejected {
+            status: 400,
+            message,
+        } => Error::InvalidArgument(format!(
+            "image {image:?} is not a valid reference: {message}"
+        )),
+        backend::ErrorKind::ImageUnavailable(reason) => {
+            Error::FailedPrecondition(format!("image {image} cannot be had: {reason}"))
+        }
+        other => Error::FailedPrecondition(format!("image {image} cannot be had: {other}")),
+    }
+}

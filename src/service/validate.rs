@@ -1,0 +1,454 @@
+//! CreateVm validation (spec §4.1, in its order) and the other request checks: requests in,
+//! validated domain values out. Everything below takes only what this produces.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine as _;
+
+use super::Error;
+use crate::proto::vmprovisioner::{StorageDevice, VmConfig};
+use crate::vm::index::Cursor;
+use crate::vm::{ExposedPort, Protocol, VmId};
+
+/// Docker's minimum memory limit.
+pub const MIN_MEMORY_BYTES: i64 = 6 * 1024 * 1024;
+/// Grace period when a request gives none (spec §4.2).
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_PAGE_SIZE: usize = 50;
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// A VM as the backend should make it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    pub image: String,
+    pub vcpus: i64,
+    pub memory_bytes: i64,
+    pub ports: Vec<ExposedPort>,
+    /// `KEY=VALUE` items, in a stable order.
+    pub env: Vec<String>,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidArgument(msg.into())
+}
+
+/// Validates a CreateVm config; `engine_cpus` is the engine's CPU count (0 = unknown).
+pub fn vm_spec(config: Option<&VmConfig>, engine_cpus: i64) -> Result<VmSpec, Error> {
+    let config = config.ok_or_else(|| invalid("config is required"))?;
+    let cpu = config
+        .cpu
+        .as_ref()
+        .ok_or_else(|| invalid("config.cpu is required"))?;
+    let memory = config
+        .memory
+        .as_ref()
+        .ok_or_else(|| invalid("config.memory is required"))?;
+    let boot = config
+        .boot
+        .as_ref()
+        .ok_or_else(|| invalid("config.boot is required"))?;
+    if cpu.vcpu_count <= 0 {
+        return Err(invalid(format!(
+            "config.cpu.vcpu_count must be greater than 0, got {}",
+            cpu.vcpu_count
+        )));
+    }
+    if cpu.max_vcpu_count != 0 && cpu.max_vcpu_count < cpu.vcpu_count {
+        return Err(invalid(format!(
+            "config.cpu.max_vcpu_count must be 0 or at least vcpu_count ({}), got {}",
+            cpu.vcpu_count, cpu.max_vcpu_count
+        )));
+    }
+    if memory.size_bytes <= 0 {
+        return Err(invalid(format!(
+            "config.memory.size_bytes must be greater than 0, got {}",
+            memory.size_bytes
+        )));
+    }
+    if boot.kernel_path.trim().is_empty() {
+        return Err(invalid("config.boot.kernel_path must not be empty"));
+    }
+    if config.storage.is_empty() {
+        return Err(invalid("config.storage must have at least one device"));
+    }
+    if let Some(i) = config.storage.iter().position(|d| d.path.trim().is_empty()) {
+        return Err(invalid(format!(
+            "config.storage[{i}].path must not be empty"
+        )));
+    }
+
+    let image = image_of(config)?;
+    if memory.size_bytes < MIN_MEMORY_BYTES {
+        return Err(invalid(format!(
+            "config.memory.size_bytes must be at least {MIN_MEMORY_BYTES} (6 MiB, Docker's minimum), got {}",
+            memory.size_bytes
+        )));
+    }
+    if engine_cpus > 0 && i64::from(cpu.vcpu_count) > engine_cpus {
+        return Err(invalid(format!(
+            "config.cpu.vcpu_count {} exceeds the {engine_cpus} CPUs of this host",
+            cpu.vcpu_count
+        )));
+    }
+    let ports = match config.metadata.get("exposed_ports") {
+        Some(list) => exposed_ports(list)?,
+        None => Vec::new(),
+    };
+    let env = env(&config.metadata)?;
+    Ok(VmSpec {
+        image,
+        vcpus: i64::from(cpu.vcpu_count),
+        memory_bytes: memory.size_bytes,
+        ports,
+        env,
+    })
+}
+
+/// The root device: the first flagged one, else the first (the deploy workflow flags none).
+pub fn root_device(config: &VmConfig) -> Option<&StorageDevice> {
+    config
+        .storage
+        .iter()
+        .find(|d| d.is_root_device)
+        .or_else(|| config.storage.first())
+}
+
+fn image_of(config: &VmConfig) -> Result<String, Error> {
+    let (field, image) = match config.metadata.get("docker_image").filter(|s| !s.trim().is_empty()) {
+        Some(image) => ("config.metadata.docker_image", image.as_str()),
+        None => match root_device(config).and_then(|d| d.options.get("docker_image")) {
+            Some(image) if !image.trim().is_empty() => {
+                ("config.storage[root].options.docker_image", image.as_str())
+            }
+            _ => {
+                return Err(invalid(
+                    "an image is required: set config.metadata.docker_image or the root storage device's options.docker_image",
+                ))
+            }
+        },
+    };
+    let image = image.trim();
+    if image.len() > 512 || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(format!(
+            "{field} is not a valid image reference: {image:?}"
+        )));
+    }
+    Ok(image.to_owned())
+}
+
+/// Parses `exposed_ports`: a comma list of `N`, `N/tcp`, `N/udp`, each port 1–65535.
+pub fn exposed_ports(list: &str) -> Result<Vec<ExposedPort>, Error> {
+    let mut ports = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let bad = || {
+            invalid(format!(
+                "config.metadata.exposed_ports: {item:?} is not a port (N, N/tcp or N/udp with N in 1-65535)"
+            ))
+        };
+        let (number, protocol) = match item.split_once('/') {
+            None => (item, Protocol::Tcp),
+            Some((n, p)) if p.eq_ignore_ascii_case("tcp") => (n, Protocol::Tcp),
+            Some((n, p)) if p.eq_ignore_ascii_case("udp") => (n, Protocol::Udp),
+            Some(_) => return Err(bad()),
+        };
+        let port: u16 = number.trim().parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(bad());
+        }
+        let p = ExposedPort { port, protocol };
+        if !ports.contains(&p) {
+            ports.push(p);
+        }
+    }
+    Ok(ports)
+}
+
+/// The environment: `env_vars` (comma list of `K=V`) then every `env.K` key (its value may
+/// hold commas). A later definition of the same key wins.
+pub fn env(metadata: &BTreeMap<String, String>) -> Result<Vec<String>, Error> {
+    let mut vars: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(list) = metadata.get("env_vars") {
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let Some((key, value)) = item.split_once('=') else {
+                return Err(invalid(format!(
+                    "config.metadata.env_vars: {item:?} is not KEY=VALUE"
+                )));
+            };
+            check_env_key(key, "config.metadata.env_vars")?;
+            vars.insert(key.to_owned(), value.to_owned());
+        }
+    }
+    for (k, value) in metadata {
+        if let Some(key) = k.strip_prefix("env.") {
+            check_env_key(key, &format!("config.metadata[{k:?}]"))?;
+            vars.insert(key.to_owned(), value.clone());
+        }
+    }
+    Ok(vars.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+}
+
+fn check_env_key(key: &str, field: &str) -> Result<(), Error> {
+    let mut chars = key.chars();
+    let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{field}: {key:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"
+        )))
+    }
+}
+
+/// A vm_id in a request naming an existing VM.
+pub fn existing_vm_id(raw: &str) -> Result<VmId, Error> {
+    if raw.is_empty() {
+        return Err(invalid("vm_id is required"));
+    }
+    // An id that could never have been created names no VM.
+    VmId::parse(raw).map_err(|_| Error::vm_not_found(raw))
+}
+
+/// The grace period of ShutdownVm: `force` = none, 0 = the default, negative = invalid.
+pub fn shutdown_grace(force: bool, timeout_seconds: i32) -> Result<Option<Duration>, Error> {
+    if timeout_seconds < 0 {
+        return Err(invalid(format!(
+            "timeout_seconds must not be negative, got {timeout_seconds}"
+        )));
+    }
+    if force {
+        return Ok(None);
+    }
+    Ok(Some(match timeout_seconds {
+        0 => DEFAULT_GRACE,
+        n => Duration::from_secs(n as u64),
+    }))
+}
+
+/// ListVms page size: 0 = default, larger than the maximum = clamped.
+pub fn page_size(raw: i32) -> Result<usize, Error> {
+    match raw {
+        n if n < 0 => Err(invalid(format!("page_size must not be negative, got {n}"))),
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n => Ok((n as usize).min(MAX_PAGE_SIZE)),
+    }
+}
+
+const TOKEN_VERSION: &str = "v1";
+
+/// The opaque page token for a cursor.
+pub fn encode_page_token(c: &Cursor) -> String {
+    B64URL.encode(format!("{TOKEN_VERSION}:{}:{}", c.created_nanos, c.vm_id))
+}
+
+/// Reads a page token; empty = first page.
+pub fn page_token(raw: &str) -> Result<Option<Cursor>, Error> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let bad = || invalid("page_token is not a token from a previous ListVms response");
+    let bytes = B64URL.decode(raw).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let mut parts = text.splitn(3, ':');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(TOKEN_VERSION), Some(nanos), Some(vm_id)) if VmId::parse(vm_id).is_ok() => {
+            Ok(Some(Cursor {
+                created_nanos: nanos.parse().map_err(|_| bad())?,
+                vm_id: vm_id.to_owned(),
+            }))
+        }
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::vmprovisioner::{BootConfig, CpuConfig, MemoryConfig};
+
+    /// The deploy workflow's payload (spec §4.1).
+    fn ctrl_config() -> VmConfig {
+        VmConfig {
+            cpu: Some(CpuConfig {
+                vcpu_count: 1,
+                ..Default::default()
+            }),
+            memory: Some(MemoryConfig {
+                size_bytes: 536_870_912,
+                ..Default::default()
+            }),
+            boot: Some(BootConfig {
+                kernel_path: "/boot/vmlinux".into(),
+                initrd_path: "/boot/initrd".into(),
+                kernel_args: "console=ttyS0 quiet".into(),
+                ..Default::default()
+            }),
+            storage: vec![StorageDevice {
+                id: "root".into(),
+                path: "/dev/vda".into(),
+                ..Default::default()
+            }],
+            metadata: [
+                ("docker_image", "app:v1"),
+                ("exposed_ports", "8080/tcp"),
+                ("env_vars", "PORT=8080"),
+                ("created_by", "deploy-workflow"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn err_of(config: &VmConfig) -> String {
+        match vm_spec(Some(config), 2) {
+            Err(Error::InvalidArgument(m)) => m,
+            other => panic!("expected invalid_argument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_the_deploy_workflow_payload() {
+        let spec = vm_spec(Some(&ctrl_config()), 2).unwrap();
+        assert_eq!(spec.image, "app:v1");
+        assert_eq!(spec.vcpus, 1);
+        assert_eq!(spec.memory_bytes, 536_870_912);
+        assert_eq!(
+            spec.ports,
+            vec![ExposedPort {
+                port: 8080,
+                protocol: Protocol::Tcp
+            }]
+        );
+        assert_eq!(spec.env, vec!["PORT=8080"]);
+    }
+
+    #[test]
+    fn rules_in_order_each_name_the_field() {
+        assert_eq!(vm_spec(None, 2), Err(invalid("config is required")));
+        let mut c = ctrl_config();
+        c.cpu = None;
+        c.memory = None;
+        assert!(
+            err_of(&c).contains("config.cpu is required"),
+            "cpu is checked before memory"
+        );
+        let mut c = ctrl_config();
+        c.memory = None;
+        assert!(err_of(&c).contains("config.memory"));
+        let mut c = ctrl_config();
+        c.boot = None;
+        assert!(err_of(&c).contains("config.boot"));
+        let mut c = ctrl_config();
+        c.cpu.as_mut().unwrap().vcpu_count = 0;
+        assert!(err_of(&c).contains("vcpu_count"));
+        let mut c = ctrl_config();
+        c.cpu.as_mut().unwrap().vcpu_count = 2;
+        c.cpu.as_mut().unwrap().max_vcpu_count = 1;
+        assert!(err_of(&c).contains("max_vcpu_count"));
+        let mut c = ctrl_config();
+        c.memory.as_mut().unwrap().size_bytes = 0;
+        assert!(err_of(&c).contains("size_bytes"));
+        let mut c = ctrl_config();
+        c.boot.as_mut().unwrap().kernel_path.clear();
+        assert!(err_of(&c).contains("kernel_path"));
+        let mut c = ctrl_config();
+        c.storage.clear();
+        assert!(err_of(&c).contains("config.storage"));
+        let mut c = ctrl_config();
+        c.storage.push(StorageDevice::default());
+        assert!(err_of(&c).contains("config.storage[1].path"));
+    }
+
+    #[test]
+    fn our_rules() {
+        let mut c = ctrl_config();
+        c.metadata.remove("docker_image");
+        assert!(err_of(&c).contains("an image is required"));
+        c.storage[0]
+            .options
+            .insert("docker_image".into(), "from-root:1".into());
+        assert_eq!(vm_spec(Some(&c), 2).unwrap().image, "from-root:1");
+
+        let mut c = ctrl_config();
+        c.memory.as_mut().unwrap().size_bytes = MIN_MEMORY_BYTES - 1;
+        assert!(err_of(&c).contains("6 MiB"));
+        let mut c = ctrl_config();
+        c.cpu.as_mut().unwrap().vcpu_count = 3;
+        assert!(err_of(&c).contains("exceeds the 2 CPUs"));
+        for bad in ["0", "65536", "80/sctp", "http", "8080/", "-1"] {
+            let mut c = ctrl_config();
+            c.metadata.insert("exposed_ports".into(), bad.into());
+            assert!(err_of(&c).contains("exposed_ports"), "{bad}");
+        }
+        for bad in ["NOVALUE", "1A=b", "=x", "A-B=c"] {
+            let mut c = ctrl_config();
+            c.metadata.insert("env_vars".into(), bad.into());
+            assert!(err_of(&c).contains("env_vars"), "{bad}");
+        }
+        let mut c = ctrl_config();
+        c.metadata.insert("env.BAD-KEY".into(), "x".into());
+        assert!(err_of(&c).contains("env.BAD-KEY"));
+    }
+
+    #[test]
+    fn ports_and_env_forms() {
+        let ports = exposed_ports("80, 53/udp,8080/TCP,80").unwrap();
+        assert_eq!(ports.len(), 3);
+        assert_eq!(
+            ports[1],
+            ExposedPort {
+                port: 53,
+                protocol: Protocol::Udp
+            }
+        );
+        let meta: BTreeMap<String, String> = [
+            ("env_vars", "A=1,B=x=y"),
+            ("env.C", "a,b,c"),
+            ("env.A", "2"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(env(&meta).unwrap(), vec!["A=2", "B=x=y", "C=a,b,c"]);
+    }
+
+    #[test]
+    fn grace_and_paging_rules() {
+        assert_eq!(shutdown_grace(false, 0), Ok(Some(DEFAULT_GRACE)));
+        assert_eq!(shutdown_grace(false, 5), Ok(Some(Duration::from_secs(5))));
+        assert_eq!(shutdown_grace(true, 5), Ok(None));
+        assert!(shutdown_grace(false, -1).is_err());
+        assert_eq!(page_size(0), Ok(50));
+        assert_eq!(page_size(5000), Ok(1000));
+        assert!(page_size(-1).is_err());
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_reject_garbage() {
+        let c = Cursor {
+            created_nanos: 123,
+            vm_id: "vm-abc".into(),
+        };
+        assert_eq!(page_token(&encode_page_token(&c)), Ok(Some(c)));
+        assert_eq!(page_token(""), Ok(None));
+        for bad in [
+            "x",
+            "!!!",
+            &B64URL.encode("v2:1:a"),
+            &B64URL.encode("v1:zz:a"),
+            &B64URL.encode("v1:1:BAD"),
+        ] {
+            assert!(page_token(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn vm_id_rules() {
+        assert_eq!(existing_vm_id(""), Err(invalid("vm_id is required")));
+        assert!(matches!(existing_vm_id("NOPE"), Err(Error::NotFound(_))));
+    }
+}

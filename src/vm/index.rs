@@ -1,0 +1,274 @@
+//! The in-memory VM index: what Docker said last, keyed by vm_id.
+//!
+//! A cache rebuilt from container labels at start and kept true by the event follower; Docker
+//! stays the only source of truth. The map lock is a `std::sync::RwLock` whose guard is never
+//! held across an `.await`; each VM has its own async mutex held for one lifecycle operation,
+//! so operations on one VM are serialised and operations on different VMs never wait on each
+//! other. Readers (GetVmInfo, ListVms) take snapshots and never queue behind operations.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use super::{VmId, VmSnapshot, VmState};
+
+/// One VM's place in the index.
+#[derive(Debug)]
+pub struct VmSlot {
+    /// Held for the whole of one operation on this VM (including its Docker calls).
+    pub op_lock: tokio::sync::Mutex<()>,
+    snapshot: RwLock<Arc<VmSnapshot>>,
+    /// Set when the VM is removed from the index, so an operation that waited on `op_lock`
+    /// finds out the VM is gone instead of acting on a dead slot.
+    removed: AtomicBool,
+}
+
+impl VmSlot {
+    fn new(snapshot: VmSnapshot) -> Self {
+        Self {
+            op_lock: tokio::sync::Mutex::new(()),
+            snapshot: RwLock::new(Arc::new(snapshot)),
+            removed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<VmSnapshot> {
+        match self.snapshot.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
+    fn set(&self, mut next: VmSnapshot) {
+        let mut guard = match self.snapshot.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // modified_at moves only when the state does (or Docker reports a later time).
+        if next.state == guard.state {
+            next.modified_at = next.modified_at.max(guard.modified_at);
+        }
+        *guard = Arc::new(next);
+    }
+}
+
+/// All VMs this instance manages.
+#[derive(Debug, Default)]
+pub struct VmIndex {
+    slots: RwLock<HashMap<VmId, Arc<VmSlot>>>,
+}
+
+/// One page of a listing.
+#[derive(Debug)]
+pub struct Page {
+    pub vms: Vec<Arc<VmSnapshot>>,
+    /// Set when more VMs follow: the position after the last VM of this page.
+    pub next: Option<Cursor>,
+    pub total: usize,
+}
+
+/// A position in the newest-first order: (created time in ns, vm_id) of the last VM served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_nanos: i64,
+    pub vm_id: String,
+}
+
+impl VmIndex {
+    pub fn get(&self, id: &VmId) -> Option<Arc<VmSlot>> {
+        self.read().get(id).cloned()
+    }
+
+    /// Inserts or updates a VM from a fresh observation; returns its slot.
+    pub fn upsert(&self, snapshot: VmSnapshot) -> Arc<VmSlot> {
+        let mut map = self.write();
+        match map.get(&snapshot.vm_id) {
+            // A different container under the same id means the old one was replaced.
+            Some(slot) if slot.snapshot().container_id == snapshot.container_id => {
+                slot.set(snapshot);
+                slot.clone()
+            }
+            _ => {
+                let id = snapshot.vm_id.clone();
+                let slot = Arc::new(VmSlot::new(snapshot));
+                if let Some(old) = map.insert(id, slot.clone()) {
+                    old.removed.store(true, Ordering::Release);
+                }
+                slot
+            }
+        }
+    }
+
+    /// Removes a VM; only when `container_id` still matches (a late event about an old
+    /// container must not remove its replacement). `None` removes unconditionally.
+    pub fn remove(&self, id: &VmId, container_id: Option<&str>) -> bool {
+        let mut map = self.write();
+        let matches = match (map.get(id), container_id) {
+            (Some(slot), Some(cid)) => slot.snapshot().container_id == cid,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if matches {
+            if let Some(slot) = map.remove(id) {
+                slot.removed.store(true, Ordering::Release);
+            }
+        }
+        matches
+    }
+
+    /// Ids of every VM, for reconciliation.
+    pub fn ids(&self) -> Vec<VmId> {
+        self.read().keys().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Counts of VMs per state.
+    pub fn count_by_state(&self) -> HashMap<VmState, usize> {
+        let mut counts = HashMap::new();
+        for slot in self.read().values() {
+            *counts.entry(slot.snapshot().state).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// A customer's VMs, newest first, filtered by state (empty filter = all), one page after
+    /// `after`.
+    pub fn list(
+        &self,
+        customer_id: &str,
+        states: &[VmState],
+        after: Option<&Cursor>,
+        page_size: usize,
+    ) -> Page {
+        let mut matching: Vec<Arc<VmSnapshot>> = self
+            .read()
+            .values()
+            .map(|slot| slot.snapshot())
+            .filter(|s| s.customer_id == customer_id)
+            .filter(|s| states.is_empty() || states.contains(&s.state))
+            .collect();
+        let total = matching.len();
+        matching.sort_by(|a, b| sort_key(b).cmp(&sort_key(a)));
+        let start = match after {
+            None => 0,
+            Some(c) => {
+                let key = (c.created_nanos, c.vm_id.as_str());
+                matching.partition_point(|s| sort_key(s) > key)
+            }
+        };
+        let end = (start + page_size).min(matching.len());
+        let vms: Vec<_> = matching
+            .get(start..end)
+            .map(<[_]>::to_vec)
+            .unwrap_or_default();
+        let next = if end < matching.len() {
+            vms.last().map(|s| Cursor {
+                created_nanos: super::unix_nanos(s.created_at),
+                vm_id: s.vm_id.as_str().to_owned(),
+            })
+        } else {
+            None
+        };
+        Page { vms, next, total }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<VmId, Arc<VmSlot>>> {
+        match self.slots.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<VmId, Arc<VmSlot>>> {
+        match self.slots.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
+fn sort_key(s: &VmSnapshot) -> (i64, &str) {
+    (super::unix_nanos(s.created_at), s.vm_id.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::NetworkView;
+    use std::time::{Duration, SystemTime};
+
+    fn snap(id: &str, customer: &str, created_s: u64, state: VmState) -> VmSnapshot {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(created_s);
+        VmSnapshot {
+            vm_id: VmId::parse(id).unwrap(),
+            customer_id: customer.into(),
+            config: Arc::default(),
+            config_bytes: Arc::default(),
+            created_at: t,
+            container_id: format!("c-{id}"),
+            container_name: format!("unkey-vm-{id}"),
+            image: "img".into(),
+            state,
+            docker_status: "created".into(),
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+            network: NetworkView::default(),
+            modified_at: t,
+        }
+    }
+
+    #[test]
+    fn lists_newest_first_with_stable_paging() {
+        let index = VmIndex::default();
+        for i in 0..7 {
+            index.upsert(snap(&format!("vm{i}"), "alice", 100 + i, VmState::Created));
+        }
+        index.upsert(snap("other", "bob", 500, VmState::Created));
+        let p1 = index.list("alice", &[], None, 3);
+        assert_eq!(p1.total, 7);
+        let ids: Vec<_> = p1.vms.iter().map(|s| s.vm_id.to_string()).collect();
+        assert_eq!(ids, ["vm6", "vm5", "vm4"]);
+        // A VM created between pages does not shift the next page.
+        index.upsert(snap("vm9", "alice", 900, VmState::Created));
+        let p2 = index.list("alice", &[], p1.next.as_ref(), 3);
+        let ids: Vec<_> = p2.vms.iter().map(|s| s.vm_id.to_string()).collect();
+        assert_eq!(ids, ["vm3", "vm2", "vm1"]);
+        let p3 = index.list("alice", &[], p2.next.as_ref(), 3);
+        assert_eq!(p3.vms.len(), 1);
+        assert!(p3.next.is_none());
+    }
+
+    #[test]
+    fn filters_by_state() {
+        let index = VmIndex::default();
+        index.upsert(snap("a", "c", 1, VmState::Running));
+        index.upsert(snap("b", "c", 2, VmState::Paused));
+        index.upsert(snap("d", "c", 3, VmState::Shutdown));
+        let page = index.list("c", &[VmState::Running, VmState::Paused], None, 50);
+        assert_eq!(page.total, 2);
+    }
+
+    #[test]
+    fn remove_only_matching_container() {
+        let index = VmIndex::default();
+        let id = VmId::parse("a").unwrap();
+        let slot = index.upsert(snap("a", "c", 1, VmState::Running));
+        assert!(!index.remove(&id, Some("other-container")));
+        assert!(index.get(&id).is_some());
+        assert!(index.remove(&id, Some("c-a")));
+        assert!(slot.is_removed());
+        assert!(index.get(&id).is_none());
+    }
+}
