@@ -46,7 +46,7 @@ pub struct Rpc {
 
 /// Reads the protocol from the headers. `Err` carries the finished response (wrong content
 /// type) or an error to answer in the detected protocol.
-pub fn negotiate(headers: &HeaderMap) -> Result<Rpc, Response> {
+pub fn negotiate(headers: &HeaderMap) -> Result<Rpc, Box<Response>> {
     let content_type = header(headers, CONTENT_TYPE.as_str()).unwrap_or_default();
     let essence = content_type
         .split(';')
@@ -61,7 +61,7 @@ pub fn negotiate(headers: &HeaderMap) -> Result<Rpc, Response> {
         "application/grpc+json" => (Protocol::Grpc, Codec::Json),
         "application/grpc-web" | "application/grpc-web+proto" => (Protocol::GrpcWeb, Codec::Proto),
         "application/grpc-web+json" => (Protocol::GrpcWeb, Codec::Json),
-        _ => return Err(unsupported_media_type(&content_type)),
+        _ => return Err(Box::new(unsupported_media_type(content_type))),
     };
     let mut rpc = Rpc {
         protocol,
@@ -70,7 +70,7 @@ pub fn negotiate(headers: &HeaderMap) -> Result<Rpc, Response> {
         accept_gzip: false,
         deadline: None,
     };
-    let fail = |rpc: &Rpc, e: RpcError| Err(error_response(rpc, &e));
+    let fail = |rpc: &Rpc, e: RpcError| Err(Box::new(error_response(rpc, &e)));
     match protocol {
         Protocol::Connect => {
             if let Some(v) = header(headers, "connect-protocol-version") {

@@ -88,7 +88,7 @@ async fn rpc(
     let started = Instant::now();
     let rpc = match connect::negotiate(request.headers()) {
         Ok(rpc) => rpc,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let (parts, body) = request.into_parts();
     let call = Call {

@@ -4,7 +4,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use bollard::models::{ContainerCreateBody, ContainerInspectResponse, HostConfig, PortBinding};
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, HostConfig, PortBinding, RestartPolicy,
+    RestartPolicyNameEnum,
+};
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions,
     KillContainerOptions, ListContainersOptions, RemoveContainerOptions, RestartContainerOptions,
@@ -198,6 +201,12 @@ impl DockerBackend {
                 // A real init as PID 1: signals reach the workload (graceful stops) and
                 // zombies are reaped, whatever the image's entrypoint does.
                 init: Some(true),
+                // A VM that exits stays SHUTDOWN until asked to boot: metald, not Docker,
+                // decides when VMs run.
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::NO),
+                    maximum_retry_count: None,
+                }),
                 auto_remove: Some(false),
                 ..Default::default()
             }),

@@ -164,7 +164,7 @@ impl VmIndex {
             None => 0,
             Some(c) => {
                 let key = (c.created_nanos, c.vm_id.as_str());
-                matching.partition_point(|s| sort_key(s) > key)
+                matching.partition_point(|s| sort_key(s) >= key)
             }
         };
         let end = (start + page_size).min(matching.len());

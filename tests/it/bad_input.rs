@@ -1,0 +1,355 @@
+//! Every bad input gets its precise Connect code: identity, tenancy, bodies, content types,
+//! sizes, methods, and each CreateVm rule of spec §4.1.
+
+use std::io::Write as _;
+
+use metald::proto::vmprovisioner::{self as pb};
+use prost::Message as _;
+
+use crate::support::*;
+
+const PATH: &str = "/metal.vmprovisioner.v1.VmService";
+
+async fn raw(
+    m: &Metald,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{}{PATH}/{method}", m.base()))
+        .body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.expect("send");
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.expect("body");
+    (
+        status,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+const AUTH: (&str, &str) = ("authorization", "Bearer dev_user_alice");
+const TENANT: (&str, &str) = ("x-tenant-id", "t1");
+const JSON: (&str, &str) = ("content-type", "application/json");
+const PROTO: (&str, &str) = ("content-type", "application/proto");
+
+fn code(v: &serde_json::Value) -> &str {
+    v["code"].as_str().unwrap_or("<none>")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_and_tenancy() {
+    let m = Metald::start("identity").await;
+    let list = br#"{}"#.to_vec();
+    for (headers, want, status) in [
+        (vec![TENANT, JSON], "unauthenticated", 401),
+        (
+            vec![("authorization", "Bearer nope"), TENANT, JSON],
+            "unauthenticated",
+            401,
+        ),
+        (
+            vec![("authorization", "Bearer dev_user_"), TENANT, JSON],
+            "unauthenticated",
+            401,
+        ),
+        (
+            vec![("authorization", "Basic dev_user_alice"), TENANT, JSON],
+            "unauthenticated",
+            401,
+        ),
+        (vec![AUTH, JSON], "unauthenticated", 401),
+        (
+            vec![AUTH, ("x-tenant-id", ""), JSON],
+            "unauthenticated",
+            401,
+        ),
+        (
+            vec![AUTH, ("x-tenant-id", "restricted-tenant"), JSON],
+            "permission_denied",
+            403,
+        ),
+    ] {
+        let (s, body) = raw(&m, "ListVms", &headers, list.clone()).await;
+        assert_eq!((s, code(&body)), (status, want), "{headers:?}: {body}");
+    }
+    let (s, _) = raw(
+        &m,
+        "ListVms",
+        &[
+            ("authorization", "Bearer dev_user_admin-user"),
+            ("x-tenant-id", "restricted-tenant"),
+            JSON,
+        ],
+        list.clone(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _) = raw(
+        &m,
+        "ListVms",
+        &[
+            ("authorization", "Bearer dev_customer_legacy"),
+            TENANT,
+            JSON,
+        ],
+        list,
+    )
+    .await;
+    assert_eq!(s, 200, "legacy dev_customer_ tokens work");
+
+    let alice = m.client("alice");
+    let bob = m.client("bob");
+    let id = alice.create(small_config()).await.unwrap();
+    for e in [
+        bob.info(&id).await.unwrap_err(),
+        bob.boot(&id).await.unwrap_err(),
+        bob.delete(&id, true).await.unwrap_err(),
+        bob.shutdown(&id, true).await.unwrap_err(),
+    ] {
+        assert_eq!(
+            (e.code.as_str(), e.status),
+            ("permission_denied", 403),
+            "{e:?}"
+        );
+    }
+    assert!(bob.list().await.unwrap().vms.is_empty());
+    let e = bob.info("vm-does-not-exist").await.unwrap_err();
+    assert_eq!((e.code.as_str(), e.status), ("not_found", 404));
+    let e = alice.info("").await.unwrap_err();
+    assert_eq!(e.code, "invalid_argument");
+    let mut req = pb::CreateVmRequest {
+        config: Some(small_config()),
+        customer_id: "mallory".into(),
+        ..Default::default()
+    };
+    let e = alice
+        .call::<_, pb::CreateVmResponse>("CreateVm", &req)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "permission_denied");
+    req.customer_id = "alice".into();
+    assert!(alice
+        .call::<_, pb::CreateVmResponse>("CreateVm", &req)
+        .await
+        .is_ok());
+    let e = alice
+        .call::<_, pb::ShutdownVmResponse>(
+            "ShutdownVm",
+            &pb::ShutdownVmRequest {
+                vm_id: id.clone(),
+                force: false,
+                timeout_seconds: -1,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "invalid_argument");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_content_types_sizes_methods() {
+    let m = Metald::start("bodies").await;
+    let (s, b) = raw(&m, "CreateVm", &[AUTH, TENANT, JSON], b"{not json".to_vec()).await;
+    assert_eq!((s, code(&b)), (400, "invalid_argument"));
+    assert!(b["message"].as_str().unwrap().contains("JSON"), "{b}");
+    let (s, b) = raw(
+        &m,
+        "CreateVm",
+        &[AUTH, TENANT, JSON],
+        br#"{"config": {"cpu": {"vcpuCount": "lots"}}}"#.to_vec(),
+    )
+    .await;
+    assert_eq!((s, code(&b)), (400, "invalid_argument"), "{b}");
+    let (s, b) = raw(
+        &m,
+        "CreateVm",
+        &[AUTH, TENANT, PROTO],
+        vec![0x12, 0xff, 0xff, 0xff, 0x0f, 1],
+    )
+    .await;
+    assert_eq!((s, code(&b)), (400, "invalid_argument"), "{b}");
+    let (s, b) = raw(
+        &m,
+        "CreateVm",
+        &[AUTH, TENANT, ("content-type", "text/plain")],
+        b"{}".to_vec(),
+    )
+    .await;
+    assert_eq!((s, code(&b)), (415, "invalid_argument"), "{b}");
+    let (s, b) = raw(
+        &m,
+        "CreateVm",
+        &[AUTH, TENANT, JSON, ("content-encoding", "br")],
+        b"{}".to_vec(),
+    )
+    .await;
+    assert_eq!((s, code(&b)), (501, "unimplemented"), "{b}");
+    let (s, b) = raw(
+        &m,
+        "CreateVm",
+        &[AUTH, TENANT, JSON, ("content-encoding", "gzip")],
+        b"not gzip".to_vec(),
+    )
+    .await;
+    assert_eq!((s, code(&b)), (400, "invalid_argument"), "{b}");
+    let (s, b) = raw(
+        &m,
+        "CreateVm",
+        &[AUTH, TENANT, JSON, ("connect-timeout-ms", "soon")],
+        b"{}".to_vec(),
+    )
+    .await;
+    assert_eq!((s, code(&b)), (400, "invalid_argument"), "{b}");
+    let big = vec![b' '; 5 * 1024 * 1024];
+    let (s, b) = raw(&m, "CreateVm", &[AUTH, TENANT, JSON], big).await;
+    assert_eq!((s, code(&b)), (429, "resource_exhausted"), "{b}");
+    // A gzip body that inflates past the limit.
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(&vec![b' '; 6 * 1024 * 1024]).unwrap();
+    let (s, b) = raw(
+        &m,
+        "ListVms",
+        &[AUTH, TENANT, JSON, ("content-encoding", "gzip")],
+        enc.finish().unwrap(),
+    )
+    .await;
+    assert_eq!((s, code(&b)), (429, "resource_exhausted"), "{b}");
+    let (s, b) = raw(&m, "LaunchMissiles", &[AUTH, TENANT, PROTO], vec![]).await;
+    assert_eq!((s, code(&b)), (404, "unimplemented"), "{b}");
+    let resp = reqwest::Client::new()
+        .post(format!("{}/other.Service/Method", m.base()))
+        .header("content-type", "application/proto")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    // Valid gzip request works; unknown JSON fields are ignored; an empty body is the empty message.
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(br#"{"pageSize": 5, "someFutureField": true}"#)
+        .unwrap();
+    let (s, b) = raw(
+        &m,
+        "ListVms",
+        &[AUTH, TENANT, JSON, ("content-encoding", "gzip")],
+        enc.finish().unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, _) = raw(&m, "ListVms", &[AUTH, TENANT, PROTO], vec![]).await;
+    assert_eq!(s, 200);
+    // The deadline passes while Docker works: deadline_exceeded; the VM is still made whole.
+    let create = pb::CreateVmRequest {
+        vm_id: "deadline-vm".into(),
+        config: Some(small_config()),
+        ..Default::default()
+    };
+    let (s, b) = raw(
+        &m,
+        "CreateVm",
+        &[AUTH, TENANT, PROTO, ("connect-timeout-ms", "1")],
+        create.encode_to_vec(),
+    )
+    .await;
+    assert_eq!((s, code(&b)), (504, "deadline_exceeded"), "{b}");
+    let c = m.client("alice");
+    eventually(
+        std::time::Duration::from_secs(10),
+        "the create finished in the background",
+        || {
+            let c = c.clone();
+            async move { c.info("deadline-vm").await.is_ok() }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_create_rule_names_its_field() {
+    let m = Metald::start("rules").await;
+    let c = m.client("alice");
+    type Edit = fn(&mut pb::VmConfig);
+    let cases: Vec<(&str, Edit)> = vec![
+        ("config.cpu", |c| c.cpu = None),
+        ("config.memory", |c| c.memory = None),
+        ("config.boot", |c| c.boot = None),
+        ("vcpu_count", |c| c.cpu.as_mut().unwrap().vcpu_count = 0),
+        ("max_vcpu_count", |c| {
+            c.cpu.as_mut().unwrap().vcpu_count = 2;
+            c.cpu.as_mut().unwrap().max_vcpu_count = 1;
+        }),
+        ("size_bytes", |c| c.memory.as_mut().unwrap().size_bytes = -5),
+        ("kernel_path", |c| {
+            c.boot.as_mut().unwrap().kernel_path = String::new()
+        }),
+        ("config.storage", |c| c.storage.clear()),
+        ("config.storage[0].path", |c| {
+            c.storage[0].path = String::new()
+        }),
+        ("image", |c| {
+            c.metadata.remove("docker_image");
+        }),
+        ("6 MiB", |c| c.memory.as_mut().unwrap().size_bytes = 1024),
+        ("vcpu_count", |c| c.cpu.as_mut().unwrap().vcpu_count = 4096),
+        ("exposed_ports", |c| {
+            c.metadata
+                .insert("exposed_ports".into(), "8080/sctp".into());
+        }),
+        ("exposed_ports", |c| {
+            c.metadata.insert("exposed_ports".into(), "70000".into());
+        }),
+        ("env_vars", |c| {
+            c.metadata.insert("env_vars".into(), "JUSTAKEY".into());
+        }),
+        ("env.1BAD", |c| {
+            c.metadata.insert("env.1BAD".into(), "x".into());
+        }),
+    ];
+    for (field, edit) in cases {
+        let mut config = small_config();
+        edit(&mut config);
+        let e = c.create(config).await.unwrap_err();
+        assert_eq!(
+            (e.code.as_str(), e.status),
+            ("invalid_argument", 400),
+            "{field}: {e:?}"
+        );
+        assert!(e.message.contains(field), "{field}: {}", e.message);
+    }
+    let e = c
+        .call::<_, pb::CreateVmResponse>("CreateVm", &pb::CreateVmRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code.as_str(), e.message.as_str()),
+        ("invalid_argument", "config is required")
+    );
+
+    // The image from the root device's options (the example config files' format).
+    let mut config = small_config();
+    config.metadata.remove("docker_image");
+    config.storage[0]
+        .options
+        .insert("docker_image".into(), IMAGE.into());
+    assert!(c.create(config).await.is_ok());
+    // An image that cannot be had (a registry on loopback that is not there).
+    let mut config = small_config();
+    config
+        .metadata
+        .insert("docker_image".into(), "127.0.0.1:1/nothing-here:v1".into());
+    let e = c.create(config).await.unwrap_err();
+    assert_eq!(e.code, "failed_precondition", "{e:?}");
+    assert!(
+        e.message.contains("127.0.0.1:1/nothing-here:v1"),
+        "{}",
+        e.message
+    );
+    assert_eq!(
+        scope_containers(&m.scope).len(),
+        1,
+        "failed creates leave nothing behind"
+    );
+}

@@ -1,0 +1,8 @@
+//! The integration suite: real metald processes against the real Docker Engine.
+
+mod bad_input;
+mod concurrency;
+mod lifecycle;
+mod outage;
+mod restart;
+mod support;
