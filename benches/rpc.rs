@@ -1,1 +1,215 @@
-fn main() {}
+//! `make bench`: metald's lifecycle latency next to the same Docker operations sent straight
+//! to the engine, and read throughput with 100 VMs. Prints figures; asserts nothing.
+//!
+//! Runs a release `metald` (METALD_BIN, default target/release/metald) in a scope of its own
+//! on 127.0.0.1 and removes every container it made at the end.
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metald::backend::docker::DockerSettings;
+use metald::backend::{ContainerSpec, DockerBackend, VmLabels};
+use metald::proto::vmprovisioner as pb;
+use metald::vm::{ExposedPort, Protocol};
+use prost::Message;
+
+const IMAGE: &str = "metald-test-busybox:latest";
+const LIFECYCLE_ROUNDS: usize = 30;
+const READ_VMS: usize = 100;
+const READ_SECONDS: u64 = 5;
+const READ_CONCURRENCY: usize = 64;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summary(mut xs: Vec<Duration>) -> (Duration, Duration) {
+    xs.sort();
+    (percentile(&xs, 0.50), percentile(&xs, 0.99))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+struct Rpc {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Rpc {
+    async fn call<Req: Message, Resp: Message + Default>(&self, method: &str, req: &Req) -> Resp {
+        let r = self
+            .http
+            .post(format!("{}/metal.vmprovisioner.v1.VmService/{method}", self.base))
+            .header("content-type", "application/proto")
+            .header("authorization", "Bearer dev_user_bench")
+            .header("x-tenant-id", "bench")
+            .body(req.encode_to_vec())
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200, "{method} failed: {:?}", r.text().await);
+        Resp::decode(r.bytes().await.expect("body")).expect("decode")
+    }
+}
+
+fn config(ports: bool) -> pb::VmConfig {
+    let mut metadata = std::collections::BTreeMap::from([("docker_image".to_owned(), IMAGE.to_owned())]);
+    if ports {
+        metadata.insert("exposed_ports".into(), "8080/tcp".into());
+        metadata.insert("env_vars".into(), "PORT=8080".into());
+    }
+    pb::VmConfig {
+        cpu: Some(pb::CpuConfig { vcpu_count: 1, ..Default::default() }),
+        memory: Some(pb::MemoryConfig { size_bytes: 64 << 20, ..Default::default() }),
+        boot: Some(pb::BootConfig { kernel_path: "/boot/vmlinux".into(), ..Default::default() }),
+        storage: vec![pb::StorageDevice { id: "root".into(), path: "/dev/vda".into(), ..Default::default() }],
+        metadata,
+        ..Default::default()
+    }
+}
+
+fn cleanup(scope: &str) {
+    let out = Command::new("docker").args(["ps", "-aq", "--filter", &format!("label=unkey.vm.scope={scope}")]).output().expect("docker ps");
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect();
+    if !ids.is_empty() {
+        let _ = Command::new("docker").arg("rm").arg("-f").args(&ids).stdout(Stdio::null()).status();
+    }
+}
+
+struct Cleanup(String, Option<std::process::Child>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.1.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        cleanup(&self.0);
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    assert!(Command::new("bash").arg(format!("{root}/scripts/build-test-image.sh")).status().expect("image script").success());
+    let bin = std::env::var("METALD_BIN").unwrap_or_else(|_| format!("{root}/target/release/metald"));
+    let scope = format!("bench{}", std::process::id());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let data = tempfile::tempdir().unwrap();
+    let child = Command::new(&bin)
+        .env("UNKEY_METALD_ADDRESS", "127.0.0.1")
+        .env("UNKEY_METALD_PORT", port.to_string())
+        .env("UNKEY_METALD_DOCKER_SCOPE", &scope)
+        .env("UNKEY_METALD_DATA_DIR", data.path())
+        .env("UNKEY_METALD_DOCKER_PORT_HOST_IP", "127.0.0.1")
+        .env("UNKEY_METALD_BILLING_ENABLED", "false")
+        .env("UNKEY_METALD_LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {bin}: {e} (run `cargo build --release` first)"));
+    let _cleanup = Cleanup(scope.clone(), Some(child));
+    let rpc = Arc::new(Rpc { http: reqwest::Client::new(), base: format!("http://127.0.0.1:{port}") });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rpc.http.get(format!("{}/health", rpc.base)).send().await.map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(Instant::now() < deadline, "metald did not become healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let raw = DockerBackend::new(DockerSettings {
+        host: "unix:///var/run/docker.sock".into(),
+        network: "bridge".into(),
+        port_host_ip: "127.0.0.1".into(),
+        port_range: (30000, 40000),
+        pull_timeout: Duration::from_secs(60),
+    })
+    .unwrap();
+    raw.negotiate().await.expect("docker");
+
+    println!("metald benchmark: {LIFECYCLE_ROUNDS} rounds each, sequential, one published port per VM");
+    // Interleave metald and raw rounds so both see the same engine conditions.
+    let (mut m_up, mut m_down, mut r_up, mut r_down) = (vec![], vec![], vec![], vec![]);
+    for i in 0..LIFECYCLE_ROUNDS {
+        let t = Instant::now();
+        let created: pb::CreateVmResponse = rpc.call("CreateVm", &pb::CreateVmRequest { config: Some(config(true)), ..Default::default() }).await;
+        let _: pb::BootVmResponse = rpc.call("BootVm", &pb::BootVmRequest { vm_id: created.vm_id.clone() }).await;
+        m_up.push(t.elapsed());
+        let t = Instant::now();
+        let _: pb::ShutdownVmResponse = rpc.call("ShutdownVm", &pb::ShutdownVmRequest { vm_id: created.vm_id.clone(), force: true, timeout_seconds: 0 }).await;
+        let _: pb::DeleteVmResponse = rpc.call("DeleteVm", &pb::DeleteVmRequest { vm_id: created.vm_id, force: false }).await;
+        m_down.push(t.elapsed());
+
+        let spec = ContainerSpec {
+            name: format!("unkey-vm-{scope}-raw{i}"),
+            image: IMAGE.into(),
+            env: vec!["PORT=8080".into()],
+            labels: VmLabels { vm_id: format!("raw{i}"), scope: scope.clone(), customer_id: "bench".into(), config: vec![], created_at_nanos: 0 },
+            ports: vec![ExposedPort { port: 8080, protocol: Protocol::Tcp }],
+            nano_cpus: 1_000_000_000,
+            memory_bytes: 64 << 20,
+        };
+        let t = Instant::now();
+        let id = raw.create(&spec).await.expect("raw create");
+        raw.start(&id).await.expect("raw start");
+        r_up.push(t.elapsed());
+        let t = Instant::now();
+        raw.kill(&id).await.expect("raw kill");
+        raw.remove(&id, false).await.expect("raw remove");
+        r_down.push(t.elapsed());
+    }
+    let row = |name: &str, m: Vec<Duration>, r: Vec<Duration>| {
+        let (mp50, mp99) = summary(m);
+        let (rp50, rp99) = summary(r);
+        println!(
+            "{name:<22} metald p50 {:>7.1} ms p99 {:>7.1} ms | docker p50 {:>7.1} ms p99 {:>7.1} ms | ratio p50 {:.3}x p99 {:.3}x",
+            ms(mp50), ms(mp99), ms(rp50), ms(rp99), mp50.as_secs_f64() / rp50.as_secs_f64(), mp99.as_secs_f64() / rp99.as_secs_f64()
+        );
+    };
+    row("CreateVm+BootVm", m_up, r_up);
+    row("ShutdownVm+DeleteVm", m_down, r_down);
+
+    // Reads: 100 VMs (created, not booted), many clients, for a fixed time.
+    let mut ids = Vec::new();
+    for _ in 0..READ_VMS {
+        let r: pb::CreateVmResponse = rpc.call("CreateVm", &pb::CreateVmRequest { config: Some(config(false)), ..Default::default() }).await;
+        ids.push(r.vm_id);
+    }
+    let ids = Arc::new(ids);
+    for method in ["GetVmInfo", "ListVms"] {
+        let count = Arc::new(AtomicU64::new(0));
+        let stop = Instant::now() + Duration::from_secs(READ_SECONDS);
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..READ_CONCURRENCY {
+            let count = count.clone();
+            let ids = ids.clone();
+            // Several connections, as many clients would open.
+            let client = Rpc { http: reqwest::Client::new(), base: rpc.base.clone() };
+            tasks.push(tokio::spawn(async move {
+                let mut i = w;
+                while Instant::now() < stop {
+                    if method == "GetVmInfo" {
+                        let _: pb::GetVmInfoResponse = client.call(method, &pb::GetVmInfoRequest { vm_id: ids[i % ids.len()].clone() }).await;
+                    } else {
+                        let _: pb::ListVmsResponse = client.call(method, &pb::ListVmsRequest::default()).await;
+                    }
+                    i += 1;
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("worker");
+        }
+        let n = count.load(Ordering::Relaxed);
+        println!(
+            "{method:<22} {:>9.0} requests/s ({n} in {:.1} s, {READ_CONCURRENCY} concurrent clients, {READ_VMS} VMs, client on the same 2 cores)",
+            n as f64 / started.elapsed().as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+}

@@ -1,0 +1,50 @@
+# metald-rs — run `make help` for the targets.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+# `make run` defaults: a local data dir, billing off until billaged runs here.
+export UNKEY_METALD_DATA_DIR ?= $(CURDIR)/.data
+RUN_ENV ?=
+
+.PHONY: help build run test test-unit test-it test-interop test-image lint fmt bench clean-vms
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+build: ## build metald and metald-cli (release)
+	$(CARGO) build --release --bins
+
+run: build ## run metald on :8080 against the local Docker Engine
+	mkdir -p "$(UNKEY_METALD_DATA_DIR)"
+	$(RUN_ENV) ./target/release/metald
+
+test-image: ## build the local busybox image the tests use
+	bash scripts/build-test-image.sh
+
+test: test-image test-unit test-it test-interop ## all tests: unit, Docker integration, interop
+
+test-unit: ## unit tests (no Docker)
+	$(CARGO) test --lib --bins
+
+test-it: ## integration tests against the real Docker Engine
+	$(CARGO) test --test it
+
+test-interop: ## interop with buf curl and the Python connectrpc client
+	$(CARGO) build --bin metald
+	bash tests/interop/run.sh
+
+lint: ## rustfmt check, clippy with warnings as errors, shellcheck
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	shellcheck scripts/*.sh tests/interop/run.sh .ci/run
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+bench: ## latency next to raw Docker, read throughput with 100 VMs
+	$(CARGO) build --release --bins
+	$(CARGO) bench --bench rpc
+
+clean-vms: ## remove every container of a scope: make clean-vms SCOPE=name
+	@test -n "$(SCOPE)" || { echo "usage: make clean-vms SCOPE=<scope>"; exit 2; }
+	ids=$$(docker ps -aq --filter label=unkey.vm.scope=$(SCOPE)); [ -z "$$ids" ] || docker rm -f $$ids
