@@ -44,7 +44,10 @@ impl Rpc {
     async fn call<Req: Message, Resp: Message + Default>(&self, method: &str, req: &Req) -> Resp {
         let r = self
             .http
-            .post(format!("{}/metal.vmprovisioner.v1.VmService/{method}", self.base))
+            .post(format!(
+                "{}/metal.vmprovisioner.v1.VmService/{method}",
+                self.base
+            ))
             .header("content-type", "application/proto")
             .header("authorization", "Bearer dev_user_bench")
             .header("x-tenant-id", "bench")
@@ -58,26 +61,56 @@ impl Rpc {
 }
 
 fn config(ports: bool) -> pb::VmConfig {
-    let mut metadata = std::collections::BTreeMap::from([("docker_image".to_owned(), IMAGE.to_owned())]);
+    let mut metadata =
+        std::collections::BTreeMap::from([("docker_image".to_owned(), IMAGE.to_owned())]);
     if ports {
         metadata.insert("exposed_ports".into(), "8080/tcp".into());
         metadata.insert("env_vars".into(), "PORT=8080".into());
     }
     pb::VmConfig {
-        cpu: Some(pb::CpuConfig { vcpu_count: 1, ..Default::default() }),
-        memory: Some(pb::MemoryConfig { size_bytes: 64 << 20, ..Default::default() }),
-        boot: Some(pb::BootConfig { kernel_path: "/boot/vmlinux".into(), ..Default::default() }),
-        storage: vec![pb::StorageDevice { id: "root".into(), path: "/dev/vda".into(), ..Default::default() }],
+        cpu: Some(pb::CpuConfig {
+            vcpu_count: 1,
+            ..Default::default()
+        }),
+        memory: Some(pb::MemoryConfig {
+            size_bytes: 64 << 20,
+            ..Default::default()
+        }),
+        boot: Some(pb::BootConfig {
+            kernel_path: "/boot/vmlinux".into(),
+            ..Default::default()
+        }),
+        storage: vec![pb::StorageDevice {
+            id: "root".into(),
+            path: "/dev/vda".into(),
+            ..Default::default()
+        }],
         metadata,
         ..Default::default()
     }
 }
 
 fn cleanup(scope: &str) {
-    let out = Command::new("docker").args(["ps", "-aq", "--filter", &format!("label=unkey.vm.scope={scope}")]).output().expect("docker ps");
-    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect();
+    let out = Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=unkey.vm.scope={scope}"),
+        ])
+        .output()
+        .expect("docker ps");
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
     if !ids.is_empty() {
-        let _ = Command::new("docker").arg("rm").arg("-f").args(&ids).stdout(Stdio::null()).status();
+        let _ = Command::new("docker")
+            .arg("rm")
+            .arg("-f")
+            .args(&ids)
+            .stdout(Stdio::null())
+            .status();
     }
 }
 
@@ -96,10 +129,19 @@ impl Drop for Cleanup {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let root = env!("CARGO_MANIFEST_DIR");
-    assert!(Command::new("bash").arg(format!("{root}/scripts/build-test-image.sh")).status().expect("image script").success());
-    let bin = std::env::var("METALD_BIN").unwrap_or_else(|_| format!("{root}/target/release/metald"));
+    assert!(Command::new("bash")
+        .arg(format!("{root}/scripts/build-test-image.sh"))
+        .status()
+        .expect("image script")
+        .success());
+    let bin =
+        std::env::var("METALD_BIN").unwrap_or_else(|_| format!("{root}/target/release/metald"));
     let scope = format!("bench{}", std::process::id());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let data = tempfile::tempdir().unwrap();
     let child = Command::new(&bin)
         .env("UNKEY_METALD_ADDRESS", "127.0.0.1")
@@ -113,9 +155,19 @@ async fn main() {
         .spawn()
         .unwrap_or_else(|e| panic!("start {bin}: {e} (run `cargo build --release` first)"));
     let _cleanup = Cleanup(scope.clone(), Some(child));
-    let rpc = Arc::new(Rpc { http: reqwest::Client::new(), base: format!("http://127.0.0.1:{port}") });
+    let rpc = Arc::new(Rpc {
+        http: reqwest::Client::new(),
+        base: format!("http://127.0.0.1:{port}"),
+    });
     let deadline = Instant::now() + Duration::from_secs(30);
-    while rpc.http.get(format!("{}/health", rpc.base)).send().await.map(|r| r.status() != 200).unwrap_or(true) {
+    while rpc
+        .http
+        .get(format!("{}/health", rpc.base))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
         assert!(Instant::now() < deadline, "metald did not become healthy");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -130,25 +182,68 @@ async fn main() {
     .unwrap();
     raw.negotiate().await.expect("docker");
 
-    println!("metald benchmark: {LIFECYCLE_ROUNDS} rounds each, sequential, one published port per VM");
+    println!(
+        "metald benchmark: {LIFECYCLE_ROUNDS} rounds each, sequential, one published port per VM"
+    );
     // Interleave metald and raw rounds so both see the same engine conditions.
     let (mut m_up, mut m_down, mut r_up, mut r_down) = (vec![], vec![], vec![], vec![]);
     for i in 0..LIFECYCLE_ROUNDS {
         let t = Instant::now();
-        let created: pb::CreateVmResponse = rpc.call("CreateVm", &pb::CreateVmRequest { config: Some(config(true)), ..Default::default() }).await;
-        let _: pb::BootVmResponse = rpc.call("BootVm", &pb::BootVmRequest { vm_id: created.vm_id.clone() }).await;
+        let created: pb::CreateVmResponse = rpc
+            .call(
+                "CreateVm",
+                &pb::CreateVmRequest {
+                    config: Some(config(true)),
+                    ..Default::default()
+                },
+            )
+            .await;
+        let _: pb::BootVmResponse = rpc
+            .call(
+                "BootVm",
+                &pb::BootVmRequest {
+                    vm_id: created.vm_id.clone(),
+                },
+            )
+            .await;
         m_up.push(t.elapsed());
         let t = Instant::now();
-        let _: pb::ShutdownVmResponse = rpc.call("ShutdownVm", &pb::ShutdownVmRequest { vm_id: created.vm_id.clone(), force: true, timeout_seconds: 0 }).await;
-        let _: pb::DeleteVmResponse = rpc.call("DeleteVm", &pb::DeleteVmRequest { vm_id: created.vm_id, force: false }).await;
+        let _: pb::ShutdownVmResponse = rpc
+            .call(
+                "ShutdownVm",
+                &pb::ShutdownVmRequest {
+                    vm_id: created.vm_id.clone(),
+                    force: true,
+                    timeout_seconds: 0,
+                },
+            )
+            .await;
+        let _: pb::DeleteVmResponse = rpc
+            .call(
+                "DeleteVm",
+                &pb::DeleteVmRequest {
+                    vm_id: created.vm_id,
+                    force: false,
+                },
+            )
+            .await;
         m_down.push(t.elapsed());
 
         let spec = ContainerSpec {
             name: format!("unkey-vm-{scope}-raw{i}"),
             image: IMAGE.into(),
             env: vec!["PORT=8080".into()],
-            labels: VmLabels { vm_id: format!("raw{i}"), scope: scope.clone(), customer_id: "bench".into(), config: vec![], created_at_nanos: 0 },
-            ports: vec![ExposedPort { port: 8080, protocol: Protocol::Tcp }],
+            labels: VmLabels {
+                vm_id: format!("raw{i}"),
+                scope: scope.clone(),
+                customer_id: "bench".into(),
+                config: vec![],
+                created_at_nanos: 0,
+            },
+            ports: vec![ExposedPort {
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
             nano_cpus: 1_000_000_000,
             memory_bytes: 64 << 20,
         };
@@ -175,7 +270,15 @@ async fn main() {
     // Reads: 100 VMs (created, not booted), many clients, for a fixed time.
     let mut ids = Vec::new();
     for _ in 0..READ_VMS {
-        let r: pb::CreateVmResponse = rpc.call("CreateVm", &pb::CreateVmRequest { config: Some(config(false)), ..Default::default() }).await;
+        let r: pb::CreateVmResponse = rpc
+            .call(
+                "CreateVm",
+                &pb::CreateVmRequest {
+                    config: Some(config(false)),
+                    ..Default::default()
+                },
+            )
+            .await;
         ids.push(r.vm_id);
     }
     let ids = Arc::new(ids);
@@ -188,14 +291,25 @@ async fn main() {
             let count = count.clone();
             let ids = ids.clone();
             // Several connections, as many clients would open.
-            let client = Rpc { http: reqwest::Client::new(), base: rpc.base.clone() };
+            let client = Rpc {
+                http: reqwest::Client::new(),
+                base: rpc.base.clone(),
+            };
             tasks.push(tokio::spawn(async move {
                 let mut i = w;
                 while Instant::now() < stop {
                     if method == "GetVmInfo" {
-                        let _: pb::GetVmInfoResponse = client.call(method, &pb::GetVmInfoRequest { vm_id: ids[i % ids.len()].clone() }).await;
+                        let _: pb::GetVmInfoResponse = client
+                            .call(
+                                method,
+                                &pb::GetVmInfoRequest {
+                                    vm_id: ids[i % ids.len()].clone(),
+                                },
+                            )
+                            .await;
                     } else {
-                        let _: pb::ListVmsResponse = client.call(method, &pb::ListVmsRequest::default()).await;
+                        let _: pb::ListVmsResponse =
+                            client.call(method, &pb::ListVmsRequest::default()).await;
                     }
                     i += 1;
                     count.fetch_add(1, Ordering::Relaxed);

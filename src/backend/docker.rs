@@ -69,6 +69,13 @@ impl DockerBackend {
         }
     }
 
+    /// A client whose request timeout leaves room for a grace period: the engine answers a
+    /// stop only once the container is down.
+    fn docker_for(&self, grace: Duration) -> Docker {
+        self.docker()
+            .with_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS) + grace)
+    }
+
     /// Talks to the engine: agrees on an API version and reads its version and CPU count.
     pub async fn negotiate(&self) -> Result<EngineInfo, Error> {
         let fresh = connect(&self.settings.host)?;
@@ -256,7 +263,7 @@ impl DockerBackend {
             t: Some(secs(grace)),
             ..Default::default()
         };
-        self.docker()
+        self.docker_for(grace)
             .stop_container(container, Some(options))
             .await
             .map_err(|e| Error::new("stop container", container, &e))
@@ -293,7 +300,7 @@ impl DockerBackend {
             t: Some(t),
             ..Default::default()
         };
-        self.docker()
+        self.docker_for(grace.unwrap_or_default())
             .restart_container(container, Some(options))
             .await
             .map_err(|e| Error::new("restart container", container, &e))

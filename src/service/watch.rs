@@ -2,6 +2,7 @@
 //! leftovers of interrupted creates), then follow the event stream; reconnect with backoff
 //! when the engine goes away, answering `unavailable` meanwhile.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::VmService;
 use crate::backend::{self, labels};
+use crate::vm::index::VmSlot;
 use crate::vm::VmId;
 
 /// Counts event-stream reconnects, for /metrics.
@@ -73,8 +75,7 @@ async fn connect_and_follow(
             next = events.next() => match next {
                 Some(Ok(event)) => {
                     if event.scope == service.scope() {
-                        let service = service.clone();
-                        tokio::spawn(async move { refresh(&service, &event.vm_id, Some(&event.container_id)).await });
+                        spawn_refresh(service, &event.vm_id, Some(&event.container_id));
                     }
                 }
                 Some(Err(e)) => return Err(e),
@@ -112,30 +113,73 @@ async fn resync(service: &Arc<VmService>) -> Result<(), backend::Error> {
             }
         }
     }
-    let mut seen = Vec::new();
+    let mut seen = HashSet::new();
     for view in backend.list_vm_containers().await? {
         let id = view.id.clone();
         match service.snapshot_of(view) {
             Ok(snapshot) => {
                 let vm_id = snapshot.vm_id.clone();
                 match service.index().get(&vm_id) {
-                    // Known: refresh under its lock, so a concurrent operation's view wins.
-                    Some(_) => refresh(service, vm_id.as_str(), Some(&id)).await,
+                    Some(_) => refresh_soon(service, &vm_id, Some(&id)).await,
                     None => {
                         service.index().upsert(snapshot);
                     }
                 }
-                seen.push(vm_id);
+                seen.insert(vm_id);
             }
             Err(why) => tracing::debug!(container_id = id, reason = why, "not a VM of this scope"),
         }
     }
+    // Gone while we were not looking; refresh confirms under the lock before removing.
     for vm_id in service.index().ids() {
         if !seen.contains(&vm_id) {
-            refresh(service, vm_id.as_str(), None).await;
+            refresh_soon(service, &vm_id, None).await;
         }
     }
     Ok(())
+}
+
+/// Refreshes a known VM now when no operation holds it; otherwise after that operation (which
+/// may hold it for a whole grace period), in the background.
+async fn refresh_soon(service: &Arc<VmService>, vm_id: &VmId, container: Option<&str>) {
+    let Some(slot) = service.index().get(vm_id) else {
+        return;
+    };
+    let guard = slot.op_lock.try_lock();
+    match guard {
+        Ok(_serialised) => reread(service, vm_id, &slot).await,
+        Err(_) => spawn_refresh(service, vm_id.as_str(), container),
+    };
+}
+
+fn spawn_refresh(service: &Arc<VmService>, vm_id: &str, container: Option<&str>) {
+    let service = service.clone();
+    let vm_id = vm_id.to_owned();
+    let container = container.map(str::to_owned);
+    tokio::spawn(async move { refresh(&service, &vm_id, container.as_deref()).await });
+}
+
+/// Inspects a known VM and records what Docker says. The caller holds the VM's op lock.
+async fn reread(service: &VmService, id: &VmId, slot: &VmSlot) {
+    if slot.is_removed() {
+        return;
+    }
+    let index = service.index();
+    let container_id = slot.snapshot().container_id.clone();
+    match service.backend().inspect(&container_id).await {
+        Ok(view) => match service.snapshot_of(view) {
+            Ok(snapshot) => {
+                index.upsert(snapshot);
+            }
+            Err(why) => tracing::warn!(vm_id = %id, reason = why, "container no longer a valid VM"),
+        },
+        Err(e) if e.is_not_found() => {
+            if index.remove(id, Some(&container_id)) {
+                tracing::info!(vm_id = %id, container_id, "vm container removed outside metald");
+            }
+        }
+        Err(e) => tracing::warn!(vm_id = %id, error = %e, "could not refresh vm"),
+    }
 }
 
 /// Re-reads one VM from Docker and records it (or its absence).
