@@ -6,6 +6,9 @@ CARGO ?= cargo
 export UNKEY_METALD_DATA_DIR ?= $(CURDIR)/.data
 RUN_ENV ?=
 
+.DEFAULT_GOAL := help
+include mk/dev.mk
+
 .PHONY: help build run test test-unit test-it test-interop test-image lint fmt bench clean-vms
 
 help: ## list the targets

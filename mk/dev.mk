@@ -1,0 +1,1 @@
+# Development environment targets (issue 5). Included by the Makefile.

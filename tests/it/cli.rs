@@ -1,0 +1,1 @@
+//! metald-cli end to end against a live metald (issue 4).
