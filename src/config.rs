@@ -34,6 +34,8 @@ const KEYS: &[(&str, &str)] = &[
     ("billing_flush_interval", "60s"),
     ("billing_tenant_id", "metald"),
     ("billing_spool_max_bytes", "268435456"),
+    ("billing_heartbeat_interval", "30s"),
+    ("billing_retry_max", "60s"),
     ("tls_mode", "disabled"),
     ("tls_cert_file", ""),
     ("tls_key_file", ""),
@@ -83,6 +85,9 @@ pub struct BillingConfig {
     pub flush_interval: Duration,
     pub tenant_id: String,
     pub spool_max_bytes: u64,
+    pub heartbeat_interval: Duration,
+    /// Longest wait between retries while billaged is unreachable.
+    pub retry_max: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -436,6 +441,8 @@ impl Parser<'_> {
                 flush_interval: self.duration("billing_flush_interval")?,
                 tenant_id: self.non_empty("billing_tenant_id")?,
                 spool_max_bytes,
+                heartbeat_interval: self.duration("billing_heartbeat_interval")?,
+                retry_max: self.duration("billing_retry_max")?,
             },
             tls,
             otel: OtelConfig {

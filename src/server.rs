@@ -2,6 +2,7 @@
 //! written-down order.
 
 use std::future::{Future, IntoFuture};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,9 +12,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
 use crate::backend::DockerBackend;
+use crate::billing::{collector, sender, Billing, Mode};
 use crate::config::Config;
-use crate::service::{watch, VmService};
+use crate::service::{watch, Parts, VmService};
 use crate::telemetry::Metrics;
+use crate::vm::index::VmIndex;
+use crate::vm::UsageBoard;
 
 /// How long in-flight RPCs may take to finish after a shutdown signal (spec §2).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,13 +31,44 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let backend = DockerBackend::new(config.docker.clone())?;
-    let service = Arc::new(VmService::new(backend, config.scope.clone()));
+    let index = Arc::new(VmIndex::default());
+    let usage = Arc::new(UsageBoard::default());
+    let docker_up = Arc::new(AtomicBool::new(false));
+    let billing = Billing::open(
+        &config.billing,
+        config.data_dir(),
+        backend.clone(),
+        index.clone(),
+        usage.clone(),
+        docker_up.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("billing spool under {}: {e}", config.data_dir().display()))?;
+    let billing = Arc::new(billing);
+    let service = Arc::new(VmService::new(Parts {
+        backend,
+        scope: config.scope.clone(),
+        index,
+        usage,
+        docker_up,
+        billing: Some(billing.clone()),
+    }));
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     tasks.spawn(watch::run(service.clone(), cancel.clone()));
+    tasks.spawn(collector::run(billing.clone(), cancel.clone()));
+    if billing.mode() == Mode::Enabled {
+        tasks.spawn(sender::run(billing.clone(), cancel.clone()));
+        tasks.spawn(sender::heartbeat(billing.clone(), cancel.clone()));
+    }
+    tracing::info!(
+        mode = billing.mode().name(),
+        endpoint = config.billing.endpoint,
+        "billing"
+    );
 
     let state = AppState {
         service,
+        billing,
         metrics: Arc::new(Metrics::default()),
         started: Instant::now(),
     };

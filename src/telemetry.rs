@@ -6,6 +6,7 @@ use std::io::IsTerminal as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::billing::Billing;
 use crate::vm::index::VmIndex;
 use crate::vm::VmState;
 
@@ -106,7 +107,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self, index: &VmIndex) -> String {
+    pub fn render(&self, index: &VmIndex, billing: &Billing) -> String {
         let mut out = String::new();
         let inner = match self.inner.lock() {
             Ok(g) => g,
@@ -140,6 +141,78 @@ impl Metrics {
                 "metald_vms{{state=\"{}\"}} {}\n",
                 s.name(),
                 by_state.get(&s).copied().unwrap_or(0)
+            ));
+        }
+        let c = &billing.counters;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let status = billing.status();
+        let batches = load(&c.batches_sent);
+        let ticks = load(&c.collection_ticks);
+        for (name, kind, value) in [
+            (
+                "metald_billing_batches_sent_total",
+                "counter",
+                batches as f64,
+            ),
+            (
+                "metald_heartbeat_sent_total",
+                "counter",
+                load(&c.heartbeats_sent) as f64,
+            ),
+            (
+                "metald_metrics_collected_total",
+                "counter",
+                load(&c.samples_collected) as f64,
+            ),
+            (
+                "metald_billing_spool_depth",
+                "gauge",
+                status.spool_depth as f64,
+            ),
+            (
+                "metald_billing_spool_bytes",
+                "gauge",
+                status.spool_bytes as f64,
+            ),
+            (
+                "metald_billing_spool_oldest_age_seconds",
+                "gauge",
+                status.oldest_age_seconds,
+            ),
+            (
+                "metald_billing_rejected_batches_total",
+                "counter",
+                status.rejected_batches as f64,
+            ),
+            (
+                "metald_billing_dropped_samples_total",
+                "counter",
+                status.dropped_samples as f64,
+            ),
+            (
+                "metald_billing_reachable",
+                "gauge",
+                if status.reachable { 1.0 } else { 0.0 },
+            ),
+        ] {
+            out.push_str(&format!("# TYPE {name} {kind}\n{name} {value}\n"));
+        }
+        // Summaries: total seconds and count (enough for rate-of-average queries).
+        for (name, micros, count) in [
+            (
+                "metald_billing_batch_send_duration_seconds",
+                load(&c.batch_send_micros),
+                batches,
+            ),
+            (
+                "metald_metrics_collection_duration_seconds",
+                load(&c.collection_micros),
+                ticks,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# TYPE {name} summary\n{name}_sum {}\n{name}_count {count}\n",
+                micros as f64 / 1e6
             ));
         }
         out.push_str(&format!(

@@ -25,7 +25,12 @@ pub async fn health(State(app): State<AppState>) -> Response {
         Ok(Err(e)) => Some(e.to_string()),
         Err(_) => Some(format!("no answer within {}s", PING_TIMEOUT.as_secs())),
     };
-    let status = if reachable { "ok" } else { "error" };
+    let billing = app.billing.status();
+    let status = match (reachable, billing.reachable) {
+        (false, _) => "error",
+        (true, false) => "degraded",
+        (true, true) => "ok",
+    };
     let body = serde_json::json!({
         "status": status,
         "service": "metald",
@@ -38,6 +43,7 @@ pub async fn health(State(app): State<AppState>) -> Response {
                 "api_version": engine.api_version,
                 "error": error,
             },
+            "billing": billing,
             "vms": service.index().len(),
             "scope": service.scope(),
         },

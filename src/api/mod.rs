@@ -29,6 +29,7 @@ pub const SERVICE_PATH: &str = "/metal.vmprovisioner.v1.VmService/";
 #[derive(Clone)]
 pub struct AppState {
     pub service: Arc<VmService>,
+    pub billing: Arc<crate::billing::Billing>,
     pub metrics: Arc<Metrics>,
     pub started: Instant,
 }
@@ -52,7 +53,7 @@ pub fn metrics_router(state: AppState) -> Router {
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
-    let body = app.metrics.render(app.service.index());
+    let body = app.metrics.render(app.service.index(), &app.billing);
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         body,

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use crate::proto::vmprovisioner as pb;
 use crate::service::{Caller, CreateVm, Error, VmService};
 use crate::vm::state::Op;
-use crate::vm::{self, VmSnapshot, VmState};
+use crate::vm::{self, Usage, VmSnapshot, VmState};
 
 pub async fn create_vm(
     svc: Arc<VmService>,
@@ -113,7 +113,8 @@ pub async fn get_vm_info(
     req: pb::GetVmInfoRequest,
 ) -> Result<pb::GetVmInfoResponse, Error> {
     let vm = svc.info(&caller, &req.vm_id)?;
-    Ok(vm_info_response(&vm, SystemTime::now()))
+    let usage = svc.usage(&vm.vm_id);
+    Ok(vm_info_response(&vm, usage, SystemTime::now()))
 }
 
 pub async fn list_vms(
@@ -191,7 +192,11 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_nanos(t).to_string()
 }
 
-fn vm_info_response(vm: &VmSnapshot, now: SystemTime) -> pb::GetVmInfoResponse {
+fn vm_info_response(
+    vm: &VmSnapshot,
+    usage: Option<Usage>,
+    now: SystemTime,
+) -> pb::GetVmInfoResponse {
     let mut backend_info = std::collections::BTreeMap::from([
         ("backend".to_owned(), "docker".to_owned()),
         ("container_id".to_owned(), vm.container_id.clone()),
@@ -230,11 +235,27 @@ fn vm_info_response(vm: &VmSnapshot, now: SystemTime) -> pb::GetVmInfoResponse {
             })
             .collect(),
     };
-    // Usage figures come from the billing collector's samples; until one exists only uptime
-    // is known, and it costs no Docker call.
-    let metrics = matches!(vm.state, VmState::Running | VmState::Paused).then(|| pb::VmMetrics {
-        uptime_seconds: vm.uptime_seconds(now),
-        ..Default::default()
+    // Usage comes from the collector's latest sample (never a stats call here); before the
+    // first sample only uptime is known.
+    let metrics = matches!(vm.state, VmState::Running | VmState::Paused).then(|| {
+        let u = usage.unwrap_or_default();
+        pb::VmMetrics {
+            cpu_usage_percent: u.cpu_percent,
+            memory_usage_bytes: u.memory_bytes,
+            network_stats: Some(pb::NetworkStats {
+                bytes_received: u.net_rx_bytes,
+                bytes_transmitted: u.net_tx_bytes,
+                packets_received: u.net_rx_packets,
+                packets_transmitted: u.net_tx_packets,
+            }),
+            storage_stats: Some(pb::StorageStats {
+                bytes_read: u.disk_read_bytes,
+                bytes_written: u.disk_write_bytes,
+                read_operations: u.disk_read_ops,
+                write_operations: u.disk_write_ops,
+            }),
+            uptime_seconds: vm.uptime_seconds(now),
+        }
     });
     pb::GetVmInfoResponse {
         vm_id: vm.vm_id.to_string(),

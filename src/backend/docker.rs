@@ -11,13 +11,15 @@ use bollard::models::{
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions,
     KillContainerOptions, ListContainersOptions, RemoveContainerOptions, RestartContainerOptions,
-    StartContainerOptions, StopContainerOptions,
+    StartContainerOptions, StatsOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use futures::{Stream, StreamExt, TryStreamExt};
 
 use super::labels::{self, VmLabels};
-use super::{ContainerEvent, ContainerSpec, ContainerView, EngineInfo, Error, ErrorKind};
+use super::{
+    ContainerEvent, ContainerSpec, ContainerStats, ContainerView, EngineInfo, Error, ErrorKind,
+};
 use crate::vm::{NetworkView, PortMapping};
 
 /// How containers are placed; from configuration.
@@ -318,6 +320,28 @@ impl DockerBackend {
             .map_err(|e| Error::new("remove container", container, &e))
     }
 
+    /// One reading of the container's counters, without Docker's one-second pre-read.
+    pub async fn stats(&self, container: &str) -> Result<ContainerStats, Error> {
+        let options = StatsOptions {
+            stream: false,
+            one_shot: true,
+        };
+        let mut stream = self.docker().stats(container, Some(options));
+        let reading = stream
+            .next()
+            .await
+            .ok_or_else(|| Error {
+                op: "read stats",
+                target: container.to_owned(),
+                kind: ErrorKind::Rejected {
+                    status: 0,
+                    message: "no stats returned".into(),
+                },
+            })?
+            .map_err(|e| Error::new("read stats", container, &e))?;
+        Ok(stats_of(reading))
+    }
+
     /// Every container that claims to be a VM made by metald (any scope), inspected.
     pub async fn list_vm_containers(&self) -> Result<Vec<ContainerView>, Error> {
         let filter = format!("{}={}", labels::CREATED_BY, labels::CREATED_BY_VALUE);
@@ -525,6 +549,45 @@ fn view_of(r: ContainerInspectResponse, default_network: &str) -> ContainerView 
         finished_at: parse_time(state.finished_at.as_deref()),
         exit_code,
         network,
+    }
+}
+
+fn stats_of(r: bollard::models::ContainerStatsResponse) -> ContainerStats {
+    let cpu_total_ns = r
+        .cpu_stats
+        .and_then(|c| c.cpu_usage)
+        .and_then(|u| u.total_usage)
+        .unwrap_or(0);
+    let memory = r.memory_stats.unwrap_or_default();
+    let entries =
+        |list: Option<Vec<bollard::models::ContainerBlkioStatEntry>>| -> Vec<(String, u64)> {
+            list.unwrap_or_default()
+                .into_iter()
+                .map(|e| (e.op.unwrap_or_default(), e.value.unwrap_or(0)))
+                .collect()
+        };
+    let blkio = r.blkio_stats.unwrap_or_default();
+    let networks = r
+        .networks
+        .unwrap_or_default()
+        .into_values()
+        .map(|n| {
+            (
+                n.rx_bytes.unwrap_or(0),
+                n.tx_bytes.unwrap_or(0),
+                n.rx_packets.unwrap_or(0),
+                n.tx_packets.unwrap_or(0),
+            )
+        })
+        .collect();
+    ContainerStats {
+        cpu_total_ns,
+        running: memory.usage.is_some() || cpu_total_ns > 0,
+        memory_usage: memory.usage.unwrap_or(0),
+        memory_stat: memory.stats.unwrap_or_default(),
+        blkio_bytes: entries(blkio.io_service_bytes_recursive),
+        blkio_ops: entries(blkio.io_serviced_recursive),
+        networks,
     }
 }
 

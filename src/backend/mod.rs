@@ -208,3 +208,23 @@ mod tests {
         ));
     }
 }
+
+/// One reading of a container's cgroup counters, as Docker reports them (raw; the billing
+/// module turns it into a usage sample).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerStats {
+    /// Cumulative CPU time, ns.
+    pub cpu_total_ns: u64,
+    /// cgroup memory usage including page cache.
+    pub memory_usage: u64,
+    /// cgroup memory.stat entries (`inactive_file`, `total_inactive_file`, …).
+    pub memory_stat: HashMap<String, u64>,
+    /// Bytes per block-I/O entry: (op, value), op in whatever case the cgroup version uses.
+    pub blkio_bytes: Vec<(String, u64)>,
+    /// Operations per block-I/O entry.
+    pub blkio_ops: Vec<(String, u64)>,
+    /// Per interface: (rx bytes, tx bytes, rx packets, tx packets).
+    pub networks: Vec<(u64, u64, u64, u64)>,
+    /// False when the container was not running (Docker answers with empty counters).
+    pub running: bool,
+}

@@ -15,10 +15,11 @@ use prost::Message as _;
 pub use error::Error;
 
 use crate::backend::{self, ContainerSpec, ContainerView, DockerBackend, VmLabels};
+use crate::billing::Billing;
 use crate::proto::vmprovisioner::VmConfig;
 use crate::vm::index::VmIndex;
 use crate::vm::state::{self, Action, Op};
-use crate::vm::{VmId, VmSnapshot, VmState};
+use crate::vm::{Usage, UsageBoard, VmId, VmSnapshot, VmState};
 
 /// Who is calling, as established by the wire layer from the bearer token and X-Tenant-ID.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,16 +51,50 @@ pub struct VmService {
     scope: String,
     /// True while the index is known to match Docker (event stream up, last re-list done).
     docker_up: Arc<AtomicBool>,
+    /// Latest usage per VM, from the billing collector.
+    usage: Arc<UsageBoard>,
+    /// Takes the last sample before a VM stops.
+    billing: Option<Arc<Billing>>,
+}
+
+/// What the service is built from; the index, usage board and readiness flag are shared
+/// with billing.
+pub struct Parts {
+    pub backend: DockerBackend,
+    pub scope: String,
+    pub index: Arc<VmIndex>,
+    pub usage: Arc<UsageBoard>,
+    pub docker_up: Arc<AtomicBool>,
+    pub billing: Option<Arc<Billing>>,
 }
 
 impl VmService {
-    pub fn new(backend: DockerBackend, scope: impl Into<String>) -> Self {
+    pub fn new(parts: Parts) -> Self {
         Self {
-            backend,
-            index: Arc::new(VmIndex::default()),
-            scope: scope.into(),
-            docker_up: Arc::new(AtomicBool::new(false)),
+            backend: parts.backend,
+            index: parts.index,
+            scope: parts.scope,
+            docker_up: parts.docker_up,
+            usage: parts.usage,
+            billing: parts.billing,
         }
+    }
+
+    /// A service with its own index and no billing (tests, tools).
+    pub fn standalone(backend: DockerBackend, scope: impl Into<String>) -> Self {
+        Self::new(Parts {
+            backend,
+            scope: scope.into(),
+            index: Arc::default(),
+            usage: Arc::default(),
+            docker_up: Arc::default(),
+            billing: None,
+        })
+    }
+
+    /// The latest measured usage of a VM, if it has been sampled.
+    pub fn usage(&self, id: &VmId) -> Option<Usage> {
+        self.usage.get(id)
     }
 
     pub fn index(&self) -> &VmIndex {
@@ -199,6 +234,17 @@ impl VmService {
         let expected = state::state_after(current.state, action);
         if action == Action::NoOp {
             return Ok(Some(current.state));
+        }
+        // Usage up to this moment is billed before the counters go away with the process.
+        let ends_process = matches!(
+            action,
+            Action::Stop { .. }
+                | Action::Kill
+                | Action::Restart { .. }
+                | Action::Remove { force: true }
+        );
+        if let (Some(billing), true) = (&self.billing, ends_process) {
+            billing.final_sample(&current).await;
         }
         let result = self.execute(&container_id, action).await;
         match result {

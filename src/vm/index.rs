@@ -60,6 +60,8 @@ impl VmSlot {
 #[derive(Debug, Default)]
 pub struct VmIndex {
     slots: RwLock<HashMap<VmId, Arc<VmSlot>>>,
+    /// Signalled when a VM appears, disappears or changes state (billing follows it).
+    changes: tokio::sync::Notify,
 }
 
 /// One page of a listing.
@@ -89,7 +91,11 @@ impl VmIndex {
         match map.get(&snapshot.vm_id) {
             // A different container under the same id means the old one was replaced.
             Some(slot) if slot.snapshot().container_id == snapshot.container_id => {
+                let changed = slot.snapshot().state != snapshot.state;
                 slot.set(snapshot);
+                if changed {
+                    self.changes.notify_one();
+                }
                 slot.clone()
             }
             _ => {
@@ -98,6 +104,7 @@ impl VmIndex {
                 if let Some(old) = map.insert(id, slot.clone()) {
                     old.removed.store(true, Ordering::Release);
                 }
+                self.changes.notify_one();
                 slot
             }
         }
@@ -115,9 +122,20 @@ impl VmIndex {
         if matches {
             if let Some(slot) = map.remove(id) {
                 slot.removed.store(true, Ordering::Release);
+                self.changes.notify_one();
             }
         }
         matches
+    }
+
+    /// Resolves after the next change of the set of VMs or of a VM's state.
+    pub async fn changed(&self) {
+        self.changes.notified().await
+    }
+
+    /// Every VM as last observed.
+    pub fn snapshots(&self) -> Vec<Arc<VmSnapshot>> {
+        self.read().values().map(|slot| slot.snapshot()).collect()
     }
 
     /// Ids of every VM, for reconciliation.

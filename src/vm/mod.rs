@@ -108,3 +108,50 @@ pub struct ExposedPort {
     pub port: u16,
     pub protocol: Protocol,
 }
+
+/// What a VM used, from the latest sample of its container's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// Percent of one CPU since the previous sample (200 = two CPUs busy).
+    pub cpu_percent: f64,
+    pub memory_bytes: i64,
+    pub net_rx_bytes: i64,
+    pub net_tx_bytes: i64,
+    pub net_rx_packets: i64,
+    pub net_tx_packets: i64,
+    pub disk_read_bytes: i64,
+    pub disk_write_bytes: i64,
+    pub disk_read_ops: i64,
+    pub disk_write_ops: i64,
+}
+
+/// The latest usage of every sampled VM: written by the billing collector, read by GetVmInfo
+/// (which must never make a slow stats call itself).
+#[derive(Debug, Default)]
+pub struct UsageBoard {
+    latest: std::sync::RwLock<std::collections::HashMap<VmId, Usage>>,
+}
+
+impl UsageBoard {
+    pub fn get(&self, id: &VmId) -> Option<Usage> {
+        match self.latest.read() {
+            Ok(g) => g.get(id).copied(),
+            Err(p) => p.into_inner().get(id).copied(),
+        }
+    }
+
+    pub fn set(&self, id: VmId, usage: Usage) {
+        match self.latest.write() {
+            Ok(mut g) => g.insert(id, usage),
+            Err(p) => p.into_inner().insert(id, usage),
+        };
+    }
+
+    /// Keeps only the given VMs (the others stopped or are gone).
+    pub fn retain(&self, keep: &std::collections::HashSet<VmId>) {
+        match self.latest.write() {
+            Ok(mut g) => g.retain(|k, _| keep.contains(k)),
+            Err(p) => p.into_inner().retain(|k, _| keep.contains(k)),
+        }
+    }
+}
