@@ -46,7 +46,7 @@ fmt: ## format the code
 
 bench: ## latency next to raw Docker, read throughput with 100 VMs
 	$(CARGO) build --release --bins
-	$(CARGO) bench --bench rpc
+	$(CARGO) bench --bench rpc --bench billing
 
 clean-vms: ## remove every container of a scope: make clean-vms SCOPE=name
 	@test -n "$(SCOPE)" || { echo "usage: make clean-vms SCOPE=<scope>"; exit 2; }
