@@ -235,11 +235,11 @@ fn vm_info_response(
             })
             .collect(),
     };
-    // Usage comes from the collector's latest sample (never a stats call here); before the
-    // first sample only uptime is known.
-    let metrics = matches!(vm.state, VmState::Running | VmState::Paused).then(|| {
-        let u = usage.unwrap_or_default();
-        pb::VmMetrics {
+    // Usage comes from the collector's latest sample (never a stats call here). Until the VM
+    // has been sampled there are no metrics: zeros would read as a measurement.
+    let metrics = usage
+        .filter(|_| matches!(vm.state, VmState::Running | VmState::Paused))
+        .map(|u| pb::VmMetrics {
             cpu_usage_percent: u.cpu_percent,
             memory_usage_bytes: u.memory_bytes,
             network_stats: Some(pb::NetworkStats {
@@ -255,8 +255,7 @@ fn vm_info_response(
                 write_operations: u.disk_write_ops,
             }),
             uptime_seconds: vm.uptime_seconds(now),
-        }
-    });
+        });
     pb::GetVmInfoResponse {
         vm_id: vm.vm_id.to_string(),
         config: Some((*vm.config).clone()),
