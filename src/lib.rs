@@ -14,4 +14,5 @@ pub mod proto;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod tls;
 pub mod vm;

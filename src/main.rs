@@ -45,9 +45,6 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        if !matches!(config.tls.mode, metald::config::TlsMode::Disabled) {
-            anyhow::bail!("UNKEY_METALD_TLS_MODE=file: TLS serving is not built yet; use disabled");
-        }
         let listener = tokio::net::TcpListener::bind((config.address, config.port))
             .await
             .map_err(|e| {

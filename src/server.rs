@@ -13,9 +13,10 @@ use tokio_util::task::TaskTracker;
 use crate::api::{self, AppState};
 use crate::backend::DockerBackend;
 use crate::billing::{collector, sender, Billing, Mode};
-use crate::config::Config;
+use crate::config::{Config, TlsMode};
 use crate::service::{watch, Parts, VmService};
 use crate::telemetry::Metrics;
+use crate::tls;
 use crate::vm::index::VmIndex;
 use crate::vm::UsageBoard;
 
@@ -88,7 +89,16 @@ pub async fn run(
         });
     }
 
-    tracing::info!(address = %listener.local_addr()?, scope = config.scope, "metald listening");
+    let tls = match &config.tls.mode {
+        TlsMode::Disabled => None,
+        TlsMode::File { cert, key, ca } => Some(tls::server_config(cert, key, ca.as_deref())?),
+    };
+    tracing::info!(
+        address = %listener.local_addr()?,
+        scope = config.scope,
+        tls = tls.is_some(),
+        "metald listening"
+    );
     let draining = CancellationToken::new();
     let signal = {
         let draining = draining.clone();
@@ -98,9 +108,24 @@ pub async fn run(
             draining.cancel();
         }
     };
-    let serve = axum::serve(listener, api::router(state)).with_graceful_shutdown(signal);
+    let router = api::router(state);
+    let serve = async {
+        match tls {
+            None => {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(signal)
+                    .into_future()
+                    .await
+            }
+            Some(tls_config) => {
+                tokio::spawn(signal);
+                tls::serve(listener, tls_config, router, draining.clone()).await;
+                Ok(())
+            }
+        }
+    };
     tokio::select! {
-        result = serve.into_future() => result?,
+        result = serve => result?,
         _ = async { draining.cancelled().await; tokio::time::sleep(DRAIN_TIMEOUT).await } => {
             tracing::warn!("drain timeout passed; exiting with requests still in flight");
         }

@@ -7,3 +7,4 @@ mod lifecycle;
 mod outage;
 mod restart;
 mod support;
+mod tls;
