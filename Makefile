@@ -12,7 +12,7 @@ include mk/dev.mk
 .PHONY: help build run test test-unit test-it test-interop test-image lint fmt bench clean-vms
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 build: ## build metald and metald-cli (release)
 	$(CARGO) build --release --bins
