@@ -2,7 +2,6 @@
 //! reading per running VM, samples computed and written to the spool) for 50 and 200 running
 //! VMs on the real engine. Prints figures; asserts nothing.
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,14 +11,15 @@ use metald::backend::docker::DockerSettings;
 use metald::backend::DockerBackend;
 use metald::billing::Billing;
 use metald::config::BillingConfig;
-use metald::proto::vmprovisioner as pb;
 use metald::service::{watch, Caller, CreateVm, Parts, VmService};
 use metald::vm::index::VmIndex;
 use metald::vm::state::Op;
 use metald::vm::UsageBoard;
 use tokio_util::sync::CancellationToken;
 
-const IMAGE: &str = "metald-test-busybox:latest";
+mod common;
+use common::{vm_config, Cleanup};
+
 const TICKS: usize = 5;
 
 /// User + system CPU time of this process.
@@ -36,71 +36,14 @@ fn cpu_time() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-fn config() -> pb::VmConfig {
-    pb::VmConfig {
-        cpu: Some(pb::CpuConfig {
-            vcpu_count: 1,
-            ..Default::default()
-        }),
-        memory: Some(pb::MemoryConfig {
-            size_bytes: 16 << 20,
-            ..Default::default()
-        }),
-        boot: Some(pb::BootConfig {
-            kernel_path: "/boot/vmlinux".into(),
-            ..Default::default()
-        }),
-        storage: vec![pb::StorageDevice {
-            id: "root".into(),
-            path: "/dev/vda".into(),
-            ..Default::default()
-        }],
-        metadata: [("docker_image".to_owned(), IMAGE.to_owned())]
-            .into_iter()
-            .collect(),
-        ..Default::default()
-    }
-}
-
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let out = Command::new("docker")
-            .args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=unkey.vm.scope={}", self.0),
-            ])
-            .output();
-        if let Ok(out) = out {
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .arg("rm")
-                    .arg("-f")
-                    .args(&ids)
-                    .stdout(Stdio::null())
-                    .status();
-            }
-        }
-    }
-}
-
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let root = env!("CARGO_MANIFEST_DIR");
-    assert!(Command::new("bash")
-        .arg(format!("{root}/scripts/build-test-image.sh"))
-        .status()
-        .expect("image script")
-        .success());
+    common::ensure_image();
     let scope = format!("billbench{}", std::process::id());
-    let _cleanup = Cleanup(scope.clone());
+    let _cleanup = Cleanup {
+        scope: scope.clone(),
+        child: None,
+    };
     let data = tempfile::tempdir().expect("tempdir");
     let backend = DockerBackend::new(DockerSettings {
         host: "unix:///var/run/docker.sock".into(),
@@ -168,7 +111,7 @@ async fn main() {
                         .create(
                             &caller,
                             CreateVm {
-                                config: Some(config()),
+                                config: Some(vm_config(16 << 20, false)),
                                 ..Default::default()
                             },
                         )

@@ -15,7 +15,9 @@ use metald::proto::vmprovisioner as pb;
 use metald::vm::{ExposedPort, Protocol};
 use prost::Message;
 
-const IMAGE: &str = "metald-test-busybox:latest";
+mod common;
+use common::{vm_config, Cleanup, IMAGE};
+
 const LIFECYCLE_ROUNDS: usize = 30;
 const READ_VMS: usize = 100;
 const READ_SECONDS: u64 = 5;
@@ -60,80 +62,10 @@ impl Rpc {
     }
 }
 
-fn config(ports: bool) -> pb::VmConfig {
-    let mut metadata =
-        std::collections::BTreeMap::from([("docker_image".to_owned(), IMAGE.to_owned())]);
-    if ports {
-        metadata.insert("exposed_ports".into(), "8080/tcp".into());
-        metadata.insert("env_vars".into(), "PORT=8080".into());
-    }
-    pb::VmConfig {
-        cpu: Some(pb::CpuConfig {
-            vcpu_count: 1,
-            ..Default::default()
-        }),
-        memory: Some(pb::MemoryConfig {
-            size_bytes: 64 << 20,
-            ..Default::default()
-        }),
-        boot: Some(pb::BootConfig {
-            kernel_path: "/boot/vmlinux".into(),
-            ..Default::default()
-        }),
-        storage: vec![pb::StorageDevice {
-            id: "root".into(),
-            path: "/dev/vda".into(),
-            ..Default::default()
-        }],
-        metadata,
-        ..Default::default()
-    }
-}
-
-fn cleanup(scope: &str) {
-    let out = Command::new("docker")
-        .args([
-            "ps",
-            "-aq",
-            "--filter",
-            &format!("label=unkey.vm.scope={scope}"),
-        ])
-        .output()
-        .expect("docker ps");
-    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect();
-    if !ids.is_empty() {
-        let _ = Command::new("docker")
-            .arg("rm")
-            .arg("-f")
-            .args(&ids)
-            .stdout(Stdio::null())
-            .status();
-    }
-}
-
-struct Cleanup(String, Option<std::process::Child>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.1.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        cleanup(&self.0);
-    }
-}
-
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let root = env!("CARGO_MANIFEST_DIR");
-    assert!(Command::new("bash")
-        .arg(format!("{root}/scripts/build-test-image.sh"))
-        .status()
-        .expect("image script")
-        .success());
+    common::ensure_image();
     let bin =
         std::env::var("METALD_BIN").unwrap_or_else(|_| format!("{root}/target/release/metald"));
     let scope = format!("bench{}", std::process::id());
@@ -154,7 +86,10 @@ async fn main() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("start {bin}: {e} (run `cargo build --release` first)"));
-    let _cleanup = Cleanup(scope.clone(), Some(child));
+    let _cleanup = Cleanup {
+        scope: scope.clone(),
+        child: Some(child),
+    };
     let rpc = Arc::new(Rpc {
         http: reqwest::Client::new(),
         base: format!("http://127.0.0.1:{port}"),
@@ -193,7 +128,7 @@ async fn main() {
             .call(
                 "CreateVm",
                 &pb::CreateVmRequest {
-                    config: Some(config(true)),
+                    config: Some(vm_config(64 << 20, true)),
                     ..Default::default()
                 },
             )
@@ -274,7 +209,7 @@ async fn main() {
             .call(
                 "CreateVm",
                 &pb::CreateVmRequest {
-                    config: Some(config(false)),
+                    config: Some(vm_config(64 << 20, false)),
                     ..Default::default()
                 },
             )
