@@ -1,6 +1,7 @@
 //! The integration suite: real metald processes against the real Docker Engine.
 
 mod bad_input;
+mod binary;
 mod cli;
 mod concurrency;
 mod lifecycle;
