@@ -33,12 +33,15 @@ pub async fn run(billing: Arc<Billing>, cancel: CancellationToken) {
             _ = billing.wake.notified() => {}
         }
         match billing.deliver().await {
-            Ok(()) => {
+            Ok(answered) => {
                 if attempt > 0 {
                     tracing::info!("billaged reachable again; spool replayed");
                 }
                 attempt = 0;
-                billing.reachable.store(true, Ordering::Relaxed);
+                // An empty spool proves nothing about billaged: only an answer does.
+                if answered {
+                    billing.reachable.store(true, Ordering::Relaxed);
+                }
             }
             Err(Outage) => {
                 if attempt == 0 {
@@ -73,19 +76,30 @@ pub async fn heartbeat(billing: Arc<Billing>, cancel: CancellationToken) {
                     .counters
                     .heartbeats_sent
                     .fetch_add(1, Ordering::Relaxed);
+                billing.reachable.store(true, Ordering::Relaxed);
             }
-            Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
+            Err(CallError::Retry(e)) => {
+                tracing::debug!(error = %e, "heartbeat failed");
+                billing.reachable.store(false, Ordering::Relaxed);
+            }
+            Err(CallError::Reject(e)) => {
+                // billaged answered: it is there, it just refused the heartbeat.
+                tracing::warn!(error = %e, "heartbeat rejected");
+                billing.reachable.store(true, Ordering::Relaxed);
+            }
         }
     }
 }
 
 impl Billing {
     /// Sends everything queued, VM by VM, oldest first; then the gap notices now due.
-    async fn deliver(&self) -> Result<(), Outage> {
+    /// `Ok(true)` when billaged answered at least once.
+    async fn deliver(&self) -> Result<bool, Outage> {
         let vms = match self.spool() {
             Some(spool) => spool.pending_vms(),
-            None => return Ok(()),
+            None => return Ok(false),
         };
+        let mut answered = !vms.is_empty();
         for vm in vms {
             self.deliver_vm(&vm).await?;
         }
@@ -106,8 +120,9 @@ impl Billing {
                 }
                 Err(CallError::Retry(e)) => return Err(self.outage(&e)),
             }
+            answered = true;
         }
-        Ok(())
+        Ok(answered)
     }
 
     async fn deliver_vm(&self, vm: &str) -> Result<(), Outage> {
