@@ -67,6 +67,12 @@ pub async fn run(
         "billing"
     );
 
+    if config.otel.enabled {
+        tracing::warn!(
+            endpoint = config.otel.endpoint,
+            "UNKEY_METALD_OTEL_ENABLED: OTLP export is not built into this version; traces and OTel metrics are not sent (Prometheus /metrics is served)"
+        );
+    }
     let state = AppState {
         service,
         billing,

@@ -194,6 +194,33 @@ impl NamesVm for pb::ListVmsRequest {
     }
 }
 
+/// Responses that name a VM the request did not (CreateVm with a server-made id), for logs.
+trait RevealsVm {
+    fn revealed_vm_id(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl RevealsVm for pb::CreateVmResponse {
+    fn revealed_vm_id(&self) -> Option<&str> {
+        Some(&self.vm_id)
+    }
+}
+
+macro_rules! reveals_nothing {
+    ($($t:ty),*) => {$(impl RevealsVm for $t {})*};
+}
+reveals_nothing!(
+    pb::BootVmResponse,
+    pb::ShutdownVmResponse,
+    pb::PauseVmResponse,
+    pb::ResumeVmResponse,
+    pb::RebootVmResponse,
+    pb::DeleteVmResponse,
+    pb::GetVmInfoResponse,
+    pb::ListVmsResponse
+);
+
 impl Call<'_> {
     /// Authenticate, read, decode, run, encode. The service call runs in its own task: once
     /// started it finishes even if the deadline passes or the client goes away, so no
@@ -201,7 +228,7 @@ impl Call<'_> {
     async fn unary<Req, Resp, F, Fut>(self, handler: F) -> Outcome
     where
         Req: prost::Message + Default + serde::de::DeserializeOwned + NamesVm + Send + 'static,
-        Resp: prost::Message + serde::Serialize + Send + 'static,
+        Resp: prost::Message + serde::Serialize + RevealsVm + Send + 'static,
         F: FnOnce(Arc<VmService>, Caller, Req) -> Fut,
         Fut: Future<Output = Result<Resp, service::Error>> + Send + 'static,
     {
@@ -214,7 +241,12 @@ impl Call<'_> {
             vm_id: String::new(),
         };
         match self.run(handler, &mut outcome).await {
-            Ok(resp) => outcome.response = connect::respond(rpc, &resp),
+            Ok(resp) => {
+                if outcome.vm_id.is_empty() {
+                    outcome.vm_id = resp.revealed_vm_id().unwrap_or_default().to_owned();
+                }
+                outcome.response = connect::respond(rpc, &resp);
+            }
             Err(err) => {
                 outcome.code = err.code;
                 outcome.response = connect::error_response(rpc, &err);
