@@ -218,6 +218,9 @@ pub fn info_text(r: &pb::GetVmInfoResponse) -> String {
         }
         let up = Duration::from_secs(u64::try_from(m.uptime_seconds).unwrap_or(0));
         metrics.push(row("Uptime", humantime::format_duration(up).to_string()));
+    } else if matches!(r.state(), pb::VmState::Running | pb::VmState::Paused) {
+        // metald sends no metrics until its collector has sampled the VM.
+        metrics.push(row("Usage", "not sampled yet"));
     }
     section(&mut out, "Metrics", &metrics, width);
 
