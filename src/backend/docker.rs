@@ -333,10 +333,9 @@ impl DockerBackend {
             .ok_or_else(|| Error {
                 op: "read stats",
                 target: container.to_owned(),
-                kind: ErrorKind::Rejected {
-                    status: 0,
-                    message: "no stats returned".into(),
-                },
+                // The engine closes the stream without a reading when the container went
+                // away between listing and reading: it is gone, not failing.
+                kind: ErrorKind::NotFound,
             })?
             .map_err(|e| Error::new("read stats", container, &e))?;
         Ok(stats_of(reading))
