@@ -187,6 +187,20 @@ pub fn grpc_timeout(v: &str) -> Result<Duration, RpcError> {
     })
 }
 
+/// How much of an unread request body an early answer (bad auth, wrong content type,
+/// unknown method) reads and throws away, and for how long.
+const DISCARD_MAX_BYTES: usize = MAX_MESSAGE_BYTES + 5;
+const DISCARD_MAX_WAIT: Duration = Duration::from_secs(2);
+
+/// Reads what is left of a request body and throws it away, within a bound. Answering
+/// before the body is read makes HTTP/2 reset the stream right after the response; a
+/// client still sending (curl, for one) then reports a framing error instead of the
+/// answer. Larger or slower bodies are left to that reset.
+pub async fn discard_body(body: Body) {
+    let limited = http_body_util::Limited::new(body, DISCARD_MAX_BYTES);
+    let _ = tokio::time::timeout(DISCARD_MAX_WAIT, limited.collect()).await;
+}
+
 /// Reads the request body (at most the message limit plus framing) and returns the one
 /// message in it, decompressed.
 pub async fn read_message(rpc: &Rpc, body: Body) -> Result<Bytes, RpcError> {

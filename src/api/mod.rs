@@ -64,13 +64,15 @@ async fn metrics(State(app): State<AppState>) -> Response {
 /// Anything else: an unknown RPC gets `unimplemented` in its own protocol (HTTP 404 for
 /// Connect), everything else a plain 404 with a Connect error body.
 async fn unknown(request: Request) -> Response {
-    let path = request.uri().path().to_owned();
+    let (parts, body) = request.into_parts();
+    connect::discard_body(body).await;
+    let path = parts.uri.path().to_owned();
     let err = RpcError::new(
         Code::Unimplemented,
         format!("no such method or path: {path}"),
     );
-    if request.method() == http::Method::POST {
-        if let Ok(rpc) = connect::negotiate(request.headers()) {
+    if parts.method == http::Method::POST {
+        if let Ok(rpc) = connect::negotiate(&parts.headers) {
             if rpc.protocol != connect::Protocol::Connect {
                 return connect::error_response(&rpc, &err);
             }
@@ -87,11 +89,14 @@ async fn rpc(
     request: Request,
 ) -> Response {
     let started = Instant::now();
-    let rpc = match connect::negotiate(request.headers()) {
-        Ok(rpc) => rpc,
-        Err(response) => return *response,
-    };
     let (parts, body) = request.into_parts();
+    let rpc = match connect::negotiate(&parts.headers) {
+        Ok(rpc) => rpc,
+        Err(response) => {
+            connect::discard_body(body).await;
+            return *response;
+        }
+    };
     let call = Call {
         app: &app,
         rpc: &rpc,
@@ -109,6 +114,7 @@ async fn rpc(
         "GetVmInfo" => call.unary(vm_service::get_vm_info).await,
         "ListVms" => call.unary(vm_service::list_vms).await,
         other => {
+            connect::discard_body(call.body).await;
             let err = RpcError::new(
                 Code::Unimplemented,
                 format!("{SERVICE_PATH}{other} is not a VmService method"),
@@ -267,7 +273,13 @@ impl Call<'_> {
         F: FnOnce(Arc<VmService>, Caller, Req) -> Fut,
         Fut: Future<Output = Result<Resp, service::Error>> + Send + 'static,
     {
-        let caller = tenant::caller(self.headers)?;
+        let caller = match tenant::caller(self.headers) {
+            Ok(caller) => caller,
+            Err(err) => {
+                connect::discard_body(self.body).await;
+                return Err(err.into());
+            }
+        };
         outcome.customer = caller.customer_id.clone();
         let bytes = connect::read_message(self.rpc, self.body).await?;
         let request: Req = connect::decode(self.rpc, &bytes)?;
