@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    metald::telemetry::init_tracing(&config.log_level);
+    let telemetry = metald::telemetry::init(&config.log_level, &config.otel);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -52,12 +52,15 @@ fn main() -> ExitCode {
             })?;
         metald::server::run(listener, config, metald::server::shutdown_signal()).await
     });
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "metald failed");
+        eprintln!("metald: {e:#}");
+    }
+    // Off the runtime: the span exporter's blocking client shuts down on this thread.
+    drop(runtime);
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "metald failed");
-            eprintln!("metald: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(_) => ExitCode::FAILURE,
     }
 }

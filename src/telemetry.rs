@@ -1,27 +1,178 @@
-//! Logs and metrics: the tracing subscriber (JSON when not on a terminal) and the Prometheus
-//! text of §11, with the metric names existing dashboards query kept in one place.
+//! Logs, traces and metrics: the tracing subscriber (JSON when not on a terminal), OTLP trace
+//! export with W3C trace-context propagation when enabled, and the Prometheus text of §11,
+//! with the metric names existing dashboards query kept in one place.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::filter::{filter_fn, EnvFilter};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::Layer as _;
+
 use crate::billing::Billing;
+use crate::config::OtelConfig;
 use crate::vm::index::VmIndex;
 use crate::vm::VmState;
 
-/// Installs the global subscriber. `filter` is validated by the config loader.
-pub fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
-        let _ = builder.try_init();
-    } else {
-        let _ = builder.json().flatten_event(true).try_init();
+/// Longest one OTLP export may take.
+const OTLP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether spans are exported; when not, trace headers are neither read nor written.
+static TRACING: AtomicBool = AtomicBool::new(false);
+
+/// What `init` set up that outlives the runtime: the span pipeline, flushed at shutdown.
+#[must_use = "call shutdown() to flush the spans still queued"]
+pub struct Telemetry {
+    tracer_provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports what is queued and stops the exporter. Call outside the async runtime: the
+    /// exporter's blocking HTTP client must not be dropped on a runtime thread.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.tracer_provider {
+            if let Err(e) = provider.shutdown() {
+                tracing::warn!(error = %e, "OTLP: flushing spans at shutdown failed");
+            }
+        }
     }
+}
+
+/// Installs the global subscriber: logs under `log_filter` (validated by the config
+/// loader), and, with OTel enabled, every span of this crate exported by OTLP/HTTP
+/// whatever the log level. Call before the runtime starts.
+pub fn init(log_filter: &str, otel: &OtelConfig) -> Telemetry {
+    let filter = EnvFilter::try_new(log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Spans exist for traces; log lines stay one flat object each.
+    let logs = if std::io::stderr().is_terminal() {
+        logs.boxed()
+    } else {
+        logs.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .boxed()
+    };
+    let (tracer_provider, setup_error) = if otel.enabled {
+        match tracer_provider(otel) {
+            Ok(provider) => (Some(provider), None),
+            Err(e) => (None, Some(e)),
+        }
+    } else {
+        (None, None)
+    };
+    let traces = tracer_provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("metald"))
+            .with_filter(filter_fn(|meta| {
+                meta.is_span()
+                    && meta.target().starts_with("metald")
+                    && *meta.level() <= tracing::Level::INFO
+            }))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(traces)
+        .try_init();
+    match (&tracer_provider, setup_error) {
+        (Some(_), _) => {
+            opentelemetry::global::set_text_map_propagator(
+                opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+            );
+            TRACING.store(true, Ordering::Relaxed);
+            tracing::info!(
+                endpoint = otlp_traces_url(&otel.endpoint),
+                service_name = otel.service_name,
+                sampling_rate = otel.sampling_rate,
+                "OTLP trace export"
+            );
+        }
+        (None, Some(e)) => {
+            tracing::error!(
+                error = e,
+                "OTLP trace export could not be set up; no traces are sent"
+            );
+        }
+        (None, None) => {}
+    }
+    Telemetry { tracer_provider }
+}
+
+/// The span pipeline: OTLP/HTTP binary protobuf, batched on the SDK's own thread, sampled
+/// by ratio unless the caller's trace decides.
+fn tracer_provider(otel: &OtelConfig) -> Result<SdkTracerProvider, String> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_endpoint(otlp_traces_url(&otel.endpoint))
+        .with_timeout(OTLP_TIMEOUT)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(otel.service_name.clone())
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            otel.sampling_rate,
+        ))))
+        .with_resource(resource)
+        .build())
+}
+
+/// `UNKEY_METALD_OTEL_ENDPOINT` is compat `host:port` (OTLP/HTTP); a full URL is taken too.
+/// Either way the traces path is added when the URL has none.
+pub fn otlp_traces_url(endpoint: &str) -> String {
+    let endpoint = endpoint.trim().trim_end_matches('/');
+    let url = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let has_path = url
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest.contains('/'));
+    if has_path {
+        url
+    } else {
+        format!("{url}/v1/traces")
+    }
+}
+
+/// Makes `span` continue the caller's trace from its W3C `traceparent`/`tracestate`
+/// headers; a request without them starts a trace of its own.
+pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    if !TRACING.load(Ordering::Relaxed) {
+        return;
+    }
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
+    });
+    let _ = span.set_parent(parent);
+}
+
+/// Adds the current span's `traceparent` to an outgoing request's headers.
+pub fn inject_trace(headers: &mut http::HeaderMap) {
+    if !TRACING.load(Ordering::Relaxed) {
+        return;
+    }
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut opentelemetry_http::HeaderInjector(headers))
+    });
 }
 
 /// Histogram bucket bounds, seconds.
@@ -220,5 +371,26 @@ impl Metrics {
             crate::service::watch::RECONNECTS.load(std::sync::atomic::Ordering::Relaxed)
         ));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::otlp_traces_url;
+
+    #[test]
+    fn otlp_endpoint_forms() {
+        assert_eq!(
+            otlp_traces_url("localhost:4318"),
+            "http://localhost:4318/v1/traces"
+        );
+        assert_eq!(
+            otlp_traces_url("https://otel.example:4318/"),
+            "https://otel.example:4318/v1/traces"
+        );
+        assert_eq!(
+            otlp_traces_url("http://collector:4318/custom/traces"),
+            "http://collector:4318/custom/traces"
+        );
     }
 }

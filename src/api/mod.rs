@@ -16,6 +16,7 @@ use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use tracing::Instrument as _;
 
 use self::connect::Rpc;
 use self::error::{Code, RpcError};
@@ -24,6 +25,19 @@ use crate::telemetry::Metrics;
 
 /// The VmService path prefix (the proto package decides it; part of the wire contract).
 pub const SERVICE_PATH: &str = "/metal.vmprovisioner.v1.VmService/";
+
+/// The VmService methods, as they appear in paths.
+const METHODS: [&str; 9] = [
+    "CreateVm",
+    "BootVm",
+    "ShutdownVm",
+    "PauseVm",
+    "ResumeVm",
+    "RebootVm",
+    "DeleteVm",
+    "GetVmInfo",
+    "ListVms",
+];
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -83,11 +97,33 @@ async fn unknown(request: Request) -> Response {
     response
 }
 
+/// One VmService call, in a server span `metald.<Method>` that continues the caller's trace.
 async fn rpc(
     State(app): State<AppState>,
     Path(method): Path<String>,
     request: Request,
 ) -> Response {
+    // Only the nine names become span names: a path is the caller's to choose.
+    let name = if METHODS.contains(&method.as_str()) {
+        method.as_str()
+    } else {
+        "unknown"
+    };
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %format_args!("metald.{name}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "connect_rpc",
+        rpc.service = "metal.vmprovisioner.v1.VmService",
+        rpc.method = name,
+        rpc.connect_rpc.error_code = tracing::field::Empty,
+    );
+    crate::telemetry::continue_trace(&span, request.headers());
+    dispatch(app, method, request).instrument(span).await
+}
+
+async fn dispatch(app: AppState, method: String, request: Request) -> Response {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     let rpc = match connect::negotiate(&parts.headers) {
@@ -128,6 +164,11 @@ async fn rpc(
     };
     let elapsed = started.elapsed();
     let code = outcome.code;
+    if code != Code::Ok {
+        let span = tracing::Span::current();
+        span.record("otel.status_code", "ERROR");
+        span.record("rpc.connect_rpc.error_code", code.as_str());
+    }
     app.metrics.record_rpc(&method, code.as_str(), elapsed);
     let message = outcome
         .error
@@ -284,7 +325,8 @@ impl Call<'_> {
         let bytes = connect::read_message(self.rpc, self.body).await?;
         let request: Req = connect::decode(self.rpc, &bytes)?;
         outcome.vm_id = request.vm_id().to_owned();
-        let task = tokio::spawn(handler(self.app.service.clone(), caller, request));
+        let task =
+            tokio::spawn(handler(self.app.service.clone(), caller, request).in_current_span());
         let joined = match self.rpc.deadline {
             Some(deadline) => match tokio::time::timeout(deadline, task).await {
                 Ok(joined) => joined,

@@ -124,6 +124,7 @@ impl DockerBackend {
     }
 
     /// Makes sure the image is present, pulling it within the configured time.
+    #[tracing::instrument(name = "docker.image", level = "info", skip_all, fields(otel.kind = "client", image = %image))]
     pub async fn ensure_image(&self, image: &str) -> Result<(), Error> {
         let docker = self.docker();
         match docker.inspect_image(image).await {
@@ -176,6 +177,7 @@ impl DockerBackend {
     }
 
     /// Creates (does not start) the container of a VM.
+    #[tracing::instrument(name = "docker.create", level = "info", skip_all, fields(otel.kind = "client", container = %spec.name))]
     pub async fn create(&self, spec: &ContainerSpec) -> Result<String, Error> {
         let s = &self.settings;
         let range = format!("{}-{}", s.port_range.0, s.port_range.1);
@@ -232,6 +234,7 @@ impl DockerBackend {
             .map_err(|e| Error::new("create container", &spec.name, &e))
     }
 
+    #[tracing::instrument(name = "docker.inspect", level = "info", skip_all, fields(otel.kind = "client", container = %container))]
     pub async fn inspect(&self, container: &str) -> Result<ContainerView, Error> {
         let r = self
             .docker()
@@ -241,6 +244,7 @@ impl DockerBackend {
         Ok(view_of(r, &self.settings.network))
     }
 
+    #[tracing::instrument(name = "docker.start", level = "info", skip_all, fields(otel.kind = "client", container = %container))]
     pub async fn start(&self, container: &str) -> Result<(), Error> {
         let mut tries = 0;
         loop {
@@ -260,6 +264,7 @@ impl DockerBackend {
     }
 
     /// Stop signal, then kill after `grace`.
+    #[tracing::instrument(name = "docker.stop", level = "info", skip_all, fields(otel.kind = "client", container = %container, grace_s = grace.as_secs()))]
     pub async fn stop(&self, container: &str, grace: Duration) -> Result<(), Error> {
         let options = StopContainerOptions {
             t: Some(secs(grace)),
@@ -271,6 +276,7 @@ impl DockerBackend {
             .map_err(|e| Error::new("stop container", container, &e))
     }
 
+    #[tracing::instrument(name = "docker.kill", level = "info", skip_all, fields(otel.kind = "client", container = %container))]
     pub async fn kill(&self, container: &str) -> Result<(), Error> {
         let options = KillContainerOptions {
             signal: "SIGKILL".to_owned(),
@@ -281,6 +287,7 @@ impl DockerBackend {
             .map_err(|e| Error::new("kill container", container, &e))
     }
 
+    #[tracing::instrument(name = "docker.pause", level = "info", skip_all, fields(otel.kind = "client", container = %container))]
     pub async fn pause(&self, container: &str) -> Result<(), Error> {
         self.docker()
             .pause_container(container)
@@ -288,6 +295,7 @@ impl DockerBackend {
             .map_err(|e| Error::new("pause container", container, &e))
     }
 
+    #[tracing::instrument(name = "docker.unpause", level = "info", skip_all, fields(otel.kind = "client", container = %container))]
     pub async fn unpause(&self, container: &str) -> Result<(), Error> {
         self.docker()
             .unpause_container(container)
@@ -296,6 +304,7 @@ impl DockerBackend {
     }
 
     /// Restart; `grace: None` kills at once.
+    #[tracing::instrument(name = "docker.restart", level = "info", skip_all, fields(otel.kind = "client", container = %container))]
     pub async fn restart(&self, container: &str, grace: Option<Duration>) -> Result<(), Error> {
         let t = grace.map(secs).unwrap_or(0);
         let options = RestartContainerOptions {
@@ -308,6 +317,7 @@ impl DockerBackend {
             .map_err(|e| Error::new("restart container", container, &e))
     }
 
+    #[tracing::instrument(name = "docker.remove", level = "info", skip_all, fields(otel.kind = "client", container = %container, force))]
     pub async fn remove(&self, container: &str, force: bool) -> Result<(), Error> {
         let options = RemoveContainerOptions {
             force,
@@ -321,6 +331,7 @@ impl DockerBackend {
     }
 
     /// One reading of the container's counters, without Docker's one-second pre-read.
+    #[tracing::instrument(name = "docker.stats", level = "info", skip_all, fields(otel.kind = "client", container = %container))]
     pub async fn stats(&self, container: &str) -> Result<ContainerStats, Error> {
         let options = StatsOptions {
             stream: false,

@@ -39,15 +39,32 @@ impl BillagedClient {
         }
     }
 
+    /// One unary call, in a client span `billaged.<Method>` whose context goes along as
+    /// `traceparent` when tracing is on.
+    #[tracing::instrument(
+        name = "billaged.call",
+        level = "info",
+        skip_all,
+        fields(
+            otel.name = %format_args!("billaged.{method}"),
+            otel.kind = "client",
+            rpc.system = "connect_rpc",
+            rpc.service = "deploy.billaged.v1.BillingService",
+            rpc.method = method,
+        )
+    )]
     async fn call<Req: Message, Resp: Message + Default>(
         &self,
         method: &str,
         tenant: &str,
         req: &Req,
     ) -> Result<Resp, CallError> {
+        let mut trace_headers = http::HeaderMap::new();
+        crate::telemetry::inject_trace(&mut trace_headers);
         let response = self
             .http
             .post(format!("{}{SERVICE}{method}", self.endpoint))
+            .headers(trace_headers)
             .header("content-type", "application/proto")
             .header("connect-protocol-version", "1")
             .header("connect-timeout-ms", CALL_TIMEOUT.as_millis().to_string())

@@ -142,6 +142,7 @@ impl Billing {
     }
 
     /// Samples the given VMs; `full` = these are all running VMs (forget the others' usage).
+    #[tracing::instrument(name = "billing.collect", level = "info", skip_all, fields(vms = vms.len()))]
     async fn collect_some(&self, vms: Vec<Arc<VmSnapshot>>, full: bool) {
         let started = Instant::now();
         let readings: Vec<_> = futures::stream::iter(vms)

@@ -160,6 +160,7 @@ fn spawn_refresh(service: &Arc<VmService>, vm_id: &str, container: Option<&str>)
 }
 
 /// Inspects a known VM and records what Docker says. The caller holds the VM's op lock.
+#[tracing::instrument(name = "vm.refresh", level = "info", skip_all, fields(vm_id = %id))]
 async fn reread(service: &VmService, id: &VmId, slot: &VmSlot) {
     if slot.is_removed() {
         return;
@@ -183,6 +184,7 @@ async fn reread(service: &VmService, id: &VmId, slot: &VmSlot) {
 }
 
 /// Re-reads one VM from Docker and records it (or its absence).
+#[tracing::instrument(name = "vm.refresh", level = "info", skip_all, fields(vm_id))]
 pub(crate) async fn refresh(service: &VmService, vm_id: &str, container_hint: Option<&str>) {
     let Ok(id) = VmId::parse(vm_id) else { return };
     let index = service.index();

@@ -201,13 +201,15 @@ class MetaldProc:
     def billing_health(self) -> dict:
         return (self.health().get("checks") or {}).get("billing") or {}
 
-    def rpc(self, method: str, body: dict, customer: str, timeout: float = 60) -> dict:
-        """Connect JSON unary call to the VmService."""
+    def rpc(self, method: str, body: dict, customer: str, timeout: float = 60,
+            headers: dict | None = None) -> dict:
+        """Connect JSON unary call to the VmService (extra headers, e.g. traceparent, added)."""
         req = urllib.request.Request(
             f"{self.base_url}/{VM_SERVICE}/{method}", data=json.dumps(body).encode(),
             method="POST",
             headers={"Content-Type": "application/json",
-                     "Authorization": f"Bearer dev_user_{customer}", "X-Tenant-ID": RPC_TENANT})
+                     "Authorization": f"Bearer dev_user_{customer}", "X-Tenant-ID": RPC_TENANT,
+                     **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return json.loads(resp.read() or b"{}")
