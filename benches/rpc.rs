@@ -37,6 +37,24 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// CPU time (user + system) a process has used so far, from /proc (clock ticks of 10 ms).
+fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime: fields 14 and 15 of the line; the state (field 3) is index 0 here.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
 struct Rpc {
     http: reqwest::Client,
     base: String,
@@ -86,6 +104,7 @@ async fn main() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("start {bin}: {e} (run `cargo build --release` first)"));
+    let server_pid = child.id().to_string();
     let _cleanup = Cleanup {
         scope: scope.clone(),
         child: Some(child),
@@ -221,6 +240,7 @@ async fn main() {
         let count = Arc::new(AtomicU64::new(0));
         let stop = Instant::now() + Duration::from_secs(READ_SECONDS);
         let started = Instant::now();
+        let (server_cpu, client_cpu) = (cpu_time(&server_pid), cpu_time("self"));
         let mut tasks = Vec::new();
         for w in 0..READ_CONCURRENCY {
             let count = count.clone();
@@ -255,10 +275,20 @@ async fn main() {
             t.await.expect("worker");
         }
         let n = count.load(Ordering::Relaxed);
+        let elapsed = started.elapsed().as_secs_f64();
+        // CPU per request tells what the server costs apart from the load generator, which
+        // shares the same two cores: the server alone could serve 2 cores / that cost.
+        let per_request = |used: Duration| used.as_secs_f64() * 1e6 / n.max(1) as f64;
+        let server_us = per_request(cpu_time(&server_pid).saturating_sub(server_cpu));
+        let client_us = per_request(cpu_time("self").saturating_sub(client_cpu));
         println!(
-            "{method:<22} {:>9.0} requests/s ({n} in {:.1} s, {READ_CONCURRENCY} concurrent clients, {READ_VMS} VMs, client on the same 2 cores)",
-            n as f64 / started.elapsed().as_secs_f64(),
-            started.elapsed().as_secs_f64()
+            "{method:<22} {:>9.0} requests/s ({n} in {elapsed:.1} s, {READ_CONCURRENCY} concurrent clients, {READ_VMS} VMs, client on the same 2 cores)",
+            n as f64 / elapsed,
+        );
+        println!(
+            "{:<22} CPU per request: metald {server_us:.1} us, client {client_us:.1} us; metald alone on 2 cores: {:.0} requests/s",
+            "",
+            2e6 / server_us.max(f64::MIN_POSITIVE),
         );
     }
 }
