@@ -23,21 +23,37 @@ use self::error::{Code, RpcError};
 use crate::service::{self, Caller, VmService};
 use crate::telemetry::Metrics;
 
-/// The VmService path prefix (the proto package decides it; part of the wire contract).
-pub const SERVICE_PATH: &str = "/metal.vmprovisioner.v1.VmService/";
+/// The service's full name (the proto package decides it; part of the wire contract).
+pub const SERVICE: &str = "metal.vmprovisioner.v1.VmService";
 
-/// The VmService methods, as they appear in paths.
-const METHODS: [&str; 9] = [
-    "CreateVm",
-    "BootVm",
-    "ShutdownVm",
-    "PauseVm",
-    "ResumeVm",
-    "RebootVm",
-    "DeleteVm",
-    "GetVmInfo",
-    "ListVms",
-];
+/// Declares the methods once: the enum, and its names as they appear in paths.
+macro_rules! methods {
+    ($($name:ident),* $(,)?) => {
+        /// A VmService method.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Method {
+            $($name),*
+        }
+
+        impl Method {
+            /// The method a path segment names, if any.
+            pub fn parse(segment: &str) -> Option<Self> {
+                match segment {
+                    $(stringify!($name) => Some(Self::$name),)*
+                    _ => None,
+                }
+            }
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Self::$name => stringify!($name)),*
+                }
+            }
+        }
+    };
+}
+
+methods!(CreateVm, BootVm, ShutdownVm, PauseVm, ResumeVm, RebootVm, DeleteVm, GetVmInfo, ListVms,);
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -51,7 +67,7 @@ pub struct AppState {
 /// All routes of the main listener.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/metal.vmprovisioner.v1.VmService/{method}", post(rpc))
+        .route(&format!("/{SERVICE}/{{method}}"), post(rpc))
         .route("/health", get(health::health))
         .route("/metrics", get(metrics))
         .fallback(unknown)
@@ -100,34 +116,59 @@ async fn unknown(request: Request) -> Response {
 /// One VmService call, in a server span `metald.<Method>` that continues the caller's trace.
 async fn rpc(
     State(app): State<AppState>,
-    Path(method): Path<String>,
+    Path(segment): Path<String>,
     request: Request,
 ) -> Response {
+    let method = Method::parse(&segment);
     // Only the nine names become span names: a path is the caller's to choose.
-    let name = if METHODS.contains(&method.as_str()) {
-        method.as_str()
-    } else {
-        "unknown"
-    };
+    let name = method.map_or("unknown", Method::name);
     let span = tracing::info_span!(
         "rpc",
         otel.name = %format_args!("metald.{name}"),
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
         rpc.system = "connect_rpc",
-        rpc.service = "metal.vmprovisioner.v1.VmService",
+        rpc.service = SERVICE,
         rpc.method = name,
         rpc.connect_rpc.error_code = tracing::field::Empty,
     );
     crate::telemetry::continue_trace(&span, request.headers());
-    dispatch(app, method, request).instrument(span).await
+    dispatch(app, method, &segment, request)
+        .instrument(span)
+        .await
 }
 
-async fn dispatch(app: AppState, method: String, request: Request) -> Response {
+/// The checks on headers and path alone: the protocol, and that the method exists.
+fn preflight(
+    headers: &http::HeaderMap,
+    method: Option<Method>,
+    segment: &str,
+) -> Result<(Rpc, Method), Box<Response>> {
+    let rpc = connect::negotiate(headers)?;
+    let Some(method) = method else {
+        let err = RpcError::new(
+            Code::Unimplemented,
+            format!("/{SERVICE}/{segment} is not a VmService method"),
+        );
+        let mut response = connect::error_response(&rpc, &err);
+        if rpc.protocol == connect::Protocol::Connect {
+            *response.status_mut() = http::StatusCode::NOT_FOUND;
+        }
+        return Err(Box::new(response));
+    };
+    Ok((rpc, method))
+}
+
+async fn dispatch(
+    app: AppState,
+    method: Option<Method>,
+    segment: &str,
+    request: Request,
+) -> Response {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
-    let rpc = match connect::negotiate(&parts.headers) {
-        Ok(rpc) => rpc,
+    let (rpc, method) = match preflight(&parts.headers, method, segment) {
+        Ok(checked) => checked,
         Err(response) => {
             connect::discard_body(body).await;
             return *response;
@@ -139,28 +180,16 @@ async fn dispatch(app: AppState, method: String, request: Request) -> Response {
         headers: &parts.headers,
         body,
     };
-    let outcome = match method.as_str() {
-        "CreateVm" => call.unary(vm_service::create_vm).await,
-        "BootVm" => call.unary(vm_service::boot_vm).await,
-        "ShutdownVm" => call.unary(vm_service::shutdown_vm).await,
-        "PauseVm" => call.unary(vm_service::pause_vm).await,
-        "ResumeVm" => call.unary(vm_service::resume_vm).await,
-        "RebootVm" => call.unary(vm_service::reboot_vm).await,
-        "DeleteVm" => call.unary(vm_service::delete_vm).await,
-        "GetVmInfo" => call.unary(vm_service::get_vm_info).await,
-        "ListVms" => call.unary(vm_service::list_vms).await,
-        other => {
-            connect::discard_body(call.body).await;
-            let err = RpcError::new(
-                Code::Unimplemented,
-                format!("{SERVICE_PATH}{other} is not a VmService method"),
-            );
-            let mut response = connect::error_response(&rpc, &err);
-            if rpc.protocol == connect::Protocol::Connect {
-                *response.status_mut() = http::StatusCode::NOT_FOUND;
-            }
-            return response;
-        }
+    let outcome = match method {
+        Method::CreateVm => call.unary(vm_service::create_vm).await,
+        Method::BootVm => call.unary(vm_service::boot_vm).await,
+        Method::ShutdownVm => call.unary(vm_service::shutdown_vm).await,
+        Method::PauseVm => call.unary(vm_service::pause_vm).await,
+        Method::ResumeVm => call.unary(vm_service::resume_vm).await,
+        Method::RebootVm => call.unary(vm_service::reboot_vm).await,
+        Method::DeleteVm => call.unary(vm_service::delete_vm).await,
+        Method::GetVmInfo => call.unary(vm_service::get_vm_info).await,
+        Method::ListVms => call.unary(vm_service::list_vms).await,
     };
     let elapsed = started.elapsed();
     let code = outcome.code;
@@ -169,32 +198,31 @@ async fn dispatch(app: AppState, method: String, request: Request) -> Response {
         span.record("otel.status_code", "ERROR");
         span.record("rpc.connect_rpc.error_code", code.as_str());
     }
-    app.metrics.record_rpc(&method, code.as_str(), elapsed);
+    app.metrics
+        .record_rpc(method.name(), code.as_str(), elapsed);
     let message = outcome
         .error
         .as_ref()
         .map(|e| e.message.as_str())
         .unwrap_or_default();
+    // One line per RPC; failures of ours (internal, unknown) at error level.
+    macro_rules! log_rpc {
+        ($level:ident) => {
+            tracing::$level!(
+                method = method.name(),
+                code = code.as_str(),
+                duration_ms = elapsed.as_secs_f64() * 1e3,
+                customer = outcome.customer,
+                vm_id = outcome.vm_id,
+                error = message,
+                "rpc"
+            )
+        };
+    }
     if matches!(code, Code::Internal | Code::Unknown) {
-        tracing::error!(
-            method,
-            code = code.as_str(),
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            customer = outcome.customer,
-            vm_id = outcome.vm_id,
-            error = message,
-            "rpc"
-        );
+        log_rpc!(error);
     } else {
-        tracing::info!(
-            method,
-            code = code.as_str(),
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            customer = outcome.customer,
-            vm_id = outcome.vm_id,
-            error = message,
-            "rpc"
-        );
+        log_rpc!(info);
     }
     outcome.response
 }

@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime};
 
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::spool::{Metered, Record};
 use super::{Billing, Mode};
@@ -142,9 +143,14 @@ impl Billing {
     }
 
     /// Samples the given VMs; `full` = these are all running VMs (forget the others' usage).
-    #[tracing::instrument(name = "billing.collect", level = "info", skip_all, fields(vms = vms.len()))]
     async fn collect_some(&self, vms: Vec<Arc<VmSnapshot>>, full: bool) {
         let started = Instant::now();
+        // A tick with nothing to meter calls nothing: no trace for it either.
+        let span = if vms.is_empty() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!("billing.collect", vms = vms.len())
+        };
         let readings: Vec<_> = futures::stream::iter(vms)
             .map(|vm| async move {
                 let stats = self.backend.stats(&vm.container_id).await;
@@ -152,7 +158,9 @@ impl Billing {
             })
             .buffer_unordered(STATS_CONCURRENCY)
             .collect()
+            .instrument(span.clone())
             .await;
+        let _in_span = span.enter();
         let mut samples = Vec::with_capacity(readings.len());
         let mut sampled = HashSet::new();
         for (vm, stats) in readings {

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from billing_standin import BillingStandin
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, wait_healthy
 
 VM_SERVICE = "metal.vmprovisioner.v1.VmService"
 RPC_TENANT = "billing-proof-tenant"  # X-Tenant-ID of our VmService calls (not the billing one)
@@ -138,23 +138,7 @@ class MetaldProc:
             self.proc = subprocess.Popen([str(self.binary)], env=self.env, stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          cwd=self.workdir)
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"metald exited with {self.proc.returncode} before it was healthy; "
-                            f"log tail:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-                    last = f"HTTP {resp.status}"
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}: {e.read()[:200]!r}"
-            except OSError as e:
-                last = repr(e)
-            time.sleep(0.1)
-        pytest.fail(f"metald not healthy after {timeout}s (last: {last}); log:\n{self.log_tail()}")
+        wait_healthy(self.proc, self.base_url, self.log_tail, timeout, interval=0.1)
 
     def kill9(self) -> None:
         """SIGKILL our metald (by pid): a crash, nothing flushed."""

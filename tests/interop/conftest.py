@@ -160,7 +160,8 @@ def metald(test_image, stubs, tmp_path_factory) -> Metald:
         proc = subprocess.Popen([str(binary)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, cwd=workdir)
     try:
-        _wait_healthy(proc, server, float(os.environ.get("METALD_READY_TIMEOUT", "60")))
+        wait_healthy(proc, server.base_url, server.log_tail,
+                     float(os.environ.get("METALD_READY_TIMEOUT", "60")))
         yield server
     finally:
         _stop(proc)
@@ -170,15 +171,18 @@ def metald(test_image, stubs, tmp_path_factory) -> Metald:
             _run(["docker", "rm", "-f", *leftovers])
 
 
-def _wait_healthy(proc: subprocess.Popen, server: Metald, timeout: float) -> None:
+def wait_healthy(proc: subprocess.Popen, base_url: str, log_tail, timeout: float,
+                 interval: float = 0.25) -> None:
+    """Polls GET /health of our metald until it answers 200; fails with the log's tail if the
+    process exits first or the time runs out. `log_tail` is called only on failure."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"metald exited with {proc.returncode} before it was healthy; log tail:\n"
-                        f"{server.log_tail()}")
+                        f"{log_tail()}")
         try:
-            with urllib.request.urlopen(f"{server.base_url}/health", timeout=2) as resp:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as resp:
                 if resp.status == 200:
                     return
                 last = f"HTTP {resp.status}"
@@ -186,8 +190,8 @@ def _wait_healthy(proc: subprocess.Popen, server: Metald, timeout: float) -> Non
             last = f"HTTP {e.code}: {e.read()[:200]!r}"
         except OSError as e:
             last = repr(e)
-        time.sleep(0.25)
-    pytest.fail(f"metald not healthy after {timeout}s (last: {last}); log tail:\n{server.log_tail()}")
+        time.sleep(interval)
+    pytest.fail(f"metald not healthy after {timeout}s (last: {last}); log tail:\n{log_tail()}")
 
 
 def _stop(proc: subprocess.Popen) -> None:

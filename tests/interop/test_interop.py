@@ -24,7 +24,7 @@ import time
 import urllib.request
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
