@@ -10,6 +10,7 @@ pub mod api;
 pub mod backend;
 pub mod billing;
 pub mod config;
+pub mod listener;
 pub mod proto;
 pub mod server;
 pub mod service;

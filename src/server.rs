@@ -1,7 +1,7 @@
 //! Wires state and background tasks together, serves the listeners, and shuts down in a
 //! written-down order.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,9 +16,9 @@ use crate::billing::{collector, sender, Billing, Mode};
 use crate::config::{Config, TlsMode};
 use crate::service::{watch, Parts, VmService};
 use crate::telemetry::Metrics;
-use crate::tls;
 use crate::vm::index::VmIndex;
 use crate::vm::UsageBoard;
+use crate::{listener, tls};
 
 /// How long in-flight RPCs may take to finish after a shutdown signal (spec §2).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,6 +77,7 @@ pub async fn run(
         billing,
         metrics: Arc::new(Metrics::default()),
         started: Instant::now(),
+        rpc_tasks: TaskTracker::new(),
     };
     if config.otel.enabled && config.otel.prometheus_enabled {
         let addr = (
@@ -86,12 +87,12 @@ pub async fn run(
         let metrics_listener = TcpListener::bind(addr).await?;
         tracing::info!(address = %metrics_listener.local_addr()?, "prometheus listener");
         let router = api::metrics_router(state.clone());
-        let cancel = cancel.clone();
-        tasks.spawn(async move {
-            let _ = axum::serve(metrics_listener, router)
-                .with_graceful_shutdown(cancel.cancelled_owned())
-                .await;
-        });
+        tasks.spawn(listener::serve(
+            metrics_listener,
+            None,
+            router,
+            cancel.clone(),
+        ));
     }
 
     let tls = match &config.tls.mode {
@@ -113,24 +114,18 @@ pub async fn run(
             draining.cancel();
         }
     };
+    let rpc_tasks = state.rpc_tasks.clone();
     let router = api::router(state);
-    let serve = async {
-        match tls {
-            None => {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(signal)
-                    .into_future()
-                    .await
-            }
-            Some(tls_config) => {
-                tokio::spawn(signal);
-                tls::serve(listener, tls_config, router, draining.clone()).await;
-                Ok(())
-            }
-        }
+    tokio::spawn(signal);
+    let drain = async {
+        listener::serve(listener, tls, router, draining.clone()).await;
+        // Connections are done; service calls whose caller left or whose deadline passed
+        // may still run, and finish before we exit.
+        rpc_tasks.close();
+        rpc_tasks.wait().await;
     };
     tokio::select! {
-        result = serve => result?,
+        () = drain => {}
         _ = async { draining.cancelled().await; tokio::time::sleep(DRAIN_TIMEOUT).await } => {
             tracing::warn!("drain timeout passed; exiting with requests still in flight");
         }

@@ -292,9 +292,15 @@ pub fn unframe(raw: &[u8], encoding_gzip: bool) -> Result<Bytes, RpcError> {
     }
 }
 
+/// Decompresses a gzip body: every member of it (RFC 1952 allows several in a row, and
+/// reading only the first would silently cut the message), and nothing for an empty body
+/// (the empty message, as connect-go reads it).
 fn gunzip(data: &[u8]) -> Result<Bytes, RpcError> {
+    if data.is_empty() {
+        return Ok(Bytes::new());
+    }
     let mut out = Vec::new();
-    let mut decoder = flate2::read::GzDecoder::new(data).take(MAX_MESSAGE_BYTES as u64 + 1);
+    let mut decoder = flate2::read::MultiGzDecoder::new(data).take(MAX_MESSAGE_BYTES as u64 + 1);
     decoder.read_to_end(&mut out).map_err(|e| {
         RpcError::new(
             Code::InvalidArgument,
@@ -422,8 +428,22 @@ pub fn respond<M: prost::Message + serde::Serialize>(rpc: &Rpc, msg: &M) -> Resp
     }
 }
 
-/// An error response in the request's protocol.
+/// An error response in the request's protocol. It names the encodings we accept, as
+/// success responses do, so a client refused for its compression can tell what would do.
 pub fn error_response(rpc: &Rpc, err: &RpcError) -> Response {
+    let mut response = protocol_error(rpc, err);
+    let (name, value) = match rpc.protocol {
+        Protocol::Connect => ("accept-encoding", "gzip"),
+        Protocol::Grpc | Protocol::GrpcWeb => ("grpc-accept-encoding", "gzip,identity"),
+    };
+    response.headers_mut().insert(
+        HeaderName::from_static(name),
+        HeaderValue::from_static(value),
+    );
+    response
+}
+
+fn protocol_error(rpc: &Rpc, err: &RpcError) -> Response {
     match rpc.protocol {
         Protocol::Connect => connect_error(err),
         // Trailers-only: the status travels in the response headers, with no body.
@@ -601,6 +621,15 @@ mod tests {
                 .code,
             Code::ResourceExhausted
         );
+    }
+
+    #[test]
+    fn gunzip_reads_every_member_and_nothing_for_empty() {
+        let mut two = gzip(b"first ").unwrap();
+        two.extend(gzip(b"second").unwrap());
+        assert_eq!(gunzip(&two).unwrap(), Bytes::from_static(b"first second"));
+        assert_eq!(gunzip(b"").unwrap(), Bytes::new());
+        assert!(gunzip(b"not gzip").is_err());
     }
 
     #[test]

@@ -9,13 +9,14 @@ pub mod vm_service;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use self::connect::Rpc;
@@ -62,6 +63,9 @@ pub struct AppState {
     pub billing: Arc<crate::billing::Billing>,
     pub metrics: Arc<Metrics>,
     pub started: Instant,
+    /// The service calls in flight: shutdown waits for them (within the drain bound), also
+    /// for those whose caller has gone or whose deadline passed.
+    pub rpc_tasks: TaskTracker,
 }
 
 /// All routes of the main listener.
@@ -71,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health::health))
         .route("/metrics", get(metrics))
         .fallback(unknown)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -79,6 +84,7 @@ pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health::health))
         .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -113,12 +119,39 @@ async fn unknown(request: Request) -> Response {
     response
 }
 
+/// A known path with the wrong HTTP method: 405 with `Allow`, and a Connect error body
+/// like every other refusal on this port.
+async fn method_not_allowed(request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    connect::discard_body(body).await;
+    let rpc_path = parts.uri.path().starts_with(&format!("/{SERVICE}/"));
+    let allow = if rpc_path { "POST" } else { "GET, HEAD" };
+    let err = RpcError::new(
+        Code::Unimplemented,
+        format!(
+            "{} is not allowed on {}; use {allow}",
+            parts.method,
+            parts.uri.path()
+        ),
+    );
+    let mut response = connect::connect_error(&err);
+    *response.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
+    response
+        .headers_mut()
+        .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    response
+}
+
 /// One VmService call, in a server span `metald.<Method>` that continues the caller's trace.
-async fn rpc(
-    State(app): State<AppState>,
-    Path(segment): Path<String>,
-    request: Request,
-) -> Response {
+async fn rpc(State(app): State<AppState>, request: Request) -> Response {
+    // The segment as sent, not percent-decoded: a method is named by its plain name only,
+    // and a segment that does not decode is just another unknown method.
+    let segment = request
+        .uri()
+        .path()
+        .rsplit_once('/')
+        .map_or("", |(_, last)| last)
+        .to_owned();
     let method = Method::parse(&segment);
     // Only the nine names become span names: a path is the caller's to choose.
     let name = method.map_or("unknown", Method::name);
@@ -179,6 +212,7 @@ async fn dispatch(
         rpc: &rpc,
         headers: &parts.headers,
         body,
+        arrived: started,
     };
     let outcome = match method {
         Method::CreateVm => call.unary(vm_service::create_vm).await,
@@ -227,12 +261,24 @@ async fn dispatch(
     outcome.response
 }
 
+/// Longest a request body may take to arrive, whatever the caller's deadline.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn deadline_passed(deadline: Duration, when: &str) -> RpcError {
+    RpcError::new(
+        Code::DeadlineExceeded,
+        format!("deadline of {} ms passed {when}", deadline.as_millis()),
+    )
+}
+
 /// One request in flight.
 struct Call<'a> {
     app: &'a AppState,
     rpc: &'a Rpc,
     headers: &'a http::HeaderMap,
     body: Body,
+    /// When the request arrived: deadlines count from here.
+    arrived: Instant,
 }
 
 /// What happened, for the log line and metrics.
@@ -350,21 +396,59 @@ impl Call<'_> {
             }
         };
         outcome.customer = caller.customer_id.clone();
-        let bytes = connect::read_message(self.rpc, self.body).await?;
-        let request: Req = connect::decode(self.rpc, &bytes)?;
-        outcome.vm_id = request.vm_id().to_owned();
-        let task =
-            tokio::spawn(handler(self.app.service.clone(), caller, request).in_current_span());
-        let joined = match self.rpc.deadline {
-            Some(deadline) => match tokio::time::timeout(deadline, task).await {
-                Ok(joined) => joined,
-                Err(_) => {
-                    return Err(RpcError::new(
+        // The caller's deadline runs from the request's arrival, reading included; without
+        // one, a body must still arrive within a bound, so a stalled client holds nothing.
+        // (A deadline too far off to represent is no deadline.)
+        let deadline = self
+            .rpc
+            .deadline
+            .and_then(|d| Some((self.arrived.checked_add(d)?, d)));
+        let body_by = self.arrived + BODY_READ_TIMEOUT;
+        let read_by = deadline.map_or(body_by, |(at, _)| at.min(body_by));
+        let bytes = match tokio::time::timeout_at(
+            read_by.into(),
+            connect::read_message(self.rpc, self.body),
+        )
+        .await
+        {
+            Ok(read) => read?,
+            Err(_) => {
+                return Err(match deadline {
+                    Some((_, d)) if read_by < body_by => {
+                        deadline_passed(d, "before the request was read")
+                    }
+                    _ => RpcError::new(
                         Code::DeadlineExceeded,
                         format!(
-                            "deadline of {} ms passed; the operation continues in the background",
-                            deadline.as_millis()
+                            "the request body did not arrive within {} s",
+                            BODY_READ_TIMEOUT.as_secs()
                         ),
+                    ),
+                })
+            }
+        };
+        let request: Req = connect::decode(self.rpc, &bytes)?;
+        outcome.vm_id = request.vm_id().to_owned();
+        // A deadline that has already passed starts nothing: the caller was told no.
+        if let Some((at, d)) = deadline {
+            if Instant::now() >= at {
+                return Err(deadline_passed(
+                    d,
+                    "before the operation started; nothing was done",
+                ));
+            }
+        }
+        let task = self
+            .app
+            .rpc_tasks
+            .spawn(handler(self.app.service.clone(), caller, request).in_current_span());
+        let joined = match deadline {
+            Some((at, d)) => match tokio::time::timeout_at(at.into(), task).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    return Err(deadline_passed(
+                        d,
+                        "while the operation ran; it continues in the background",
                     ))
                 }
             },

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
 
 use super::Error;
-use crate::proto::vmprovisioner::{StorageDevice, VmConfig};
+use crate::proto::vmprovisioner::{NetworkMode, StorageDevice, VmConfig};
 use crate::vm::index::Cursor;
 use crate::vm::{ExposedPort, Protocol, VmId};
 
@@ -97,6 +97,16 @@ pub fn vm_spec(config: Option<&VmConfig>, engine_cpus: i64) -> Result<VmSpec, Er
         None => Vec::new(),
     };
     let env = env(&config.metadata)?;
+    // The config is stored and returned as given: a value with no name in the enum could
+    // not be written as canonical JSON later, so it is refused now.
+    for (i, nic) in config.network.iter().enumerate() {
+        if NetworkMode::try_from(nic.mode).is_err() {
+            return Err(invalid(format!(
+                "config.network[{i}].mode: {} is not a NetworkMode",
+                nic.mode
+            )));
+        }
+    }
     Ok(VmSpec {
         image,
         vcpus: i64::from(cpu.vcpu_count),
@@ -324,6 +334,28 @@ mod tests {
             }]
         );
         assert_eq!(spec.env, vec!["PORT=8080"]);
+    }
+
+    #[test]
+    fn unknown_network_mode_is_refused() {
+        use crate::proto::vmprovisioner::NetworkInterface;
+        let mut config = ctrl_config();
+        config.network = vec![
+            NetworkInterface {
+                mode: NetworkMode::Ipv4Only as i32,
+                ..Default::default()
+            },
+            NetworkInterface {
+                mode: 7,
+                ..Default::default()
+            },
+        ];
+        assert_eq!(
+            err_of(&config),
+            "config.network[1].mode: 7 is not a NetworkMode"
+        );
+        config.network.truncate(1);
+        assert!(vm_spec(Some(&config), 2).is_ok());
     }
 
     #[test]

@@ -40,6 +40,34 @@ fn code(v: &serde_json::Value) -> &str {
     v["code"].as_str().unwrap_or("<none>")
 }
 
+/// Writes `request` on a fresh connection and returns what comes back until the server
+/// closes it or `wait` passes.
+async fn raw_exchange(port: u16, request: &[u8], wait: std::time::Duration) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    tcp.write_all(request).await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(wait, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    got.extend_from_slice(&buf[..n]);
+                    // One answer is enough: stop at the end of its JSON body.
+                    if got.ends_with(b"}") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_and_tenancy() {
     let m = Metald::start("identity").await;
@@ -241,7 +269,105 @@ async fn bodies_content_types_sizes_methods() {
     assert_eq!(s, 200, "{b}");
     let (s, _) = raw(&m, "ListVms", &[AUTH, TENANT, PROTO], vec![]).await;
     assert_eq!(s, 200);
+    // A gzip body of several members is read whole; an empty gzip body is the empty message.
+    let member = |text: &[u8]| {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(text).unwrap();
+        enc.finish().unwrap()
+    };
+    let mut two = member(br#"{"vmId": "#);
+    two.extend(member(br#""two-members"}"#));
+    let (s, b) = raw(
+        &m,
+        "GetVmInfo",
+        &[AUTH, TENANT, JSON, ("content-encoding", "gzip")],
+        two,
+    )
+    .await;
+    assert_eq!((s, code(&b)), (404, "not_found"), "{b}");
+    assert!(
+        b["message"].as_str().unwrap().contains("two-members"),
+        "{b}"
+    );
+    let (s, b) = raw(
+        &m,
+        "ListVms",
+        &[AUTH, TENANT, JSON, ("content-encoding", "gzip")],
+        vec![],
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    // A method segment is matched as sent: percent-encoded names are unknown methods.
+    for segment in ["%FF", "List%56ms"] {
+        let (s, b) = raw(&m, segment, &[AUTH, TENANT, JSON], b"{}".to_vec()).await;
+        assert_eq!((s, code(&b)), (404, "unimplemented"), "{segment}: {b}");
+    }
+    // The wrong HTTP method: 405 with Allow and a Connect error body.
+    for (method, path, allow) in [
+        (reqwest::Method::GET, format!("{PATH}/ListVms"), "POST"),
+        (reqwest::Method::POST, "/health".to_owned(), "GET, HEAD"),
+    ] {
+        let resp = reqwest::Client::new()
+            .request(method.clone(), format!("{}{path}", m.base()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405, "{method} {path}");
+        assert_eq!(resp.headers()["allow"], allow, "{method} {path}");
+        let b: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(code(&b), "unimplemented", "{method} {path}: {b}");
+    }
+    // An unsupported encoding over gRPC: status 12 and the encodings we take.
+    let resp = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+        .post(format!("{}{PATH}/ListVms", m.base()))
+        .header("content-type", "application/grpc")
+        .header("grpc-encoding", "snappy")
+        .header(AUTH.0, AUTH.1)
+        .header(TENANT.0, TENANT.1)
+        .body(vec![0u8; 5])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "12");
+    assert_eq!(resp.headers()["grpc-accept-encoding"], "gzip,identity");
+    // The deadline counts from the request's arrival: a body that stalls gets
+    // deadline_exceeded when it passes, not an answer after the body finally arrives.
+    let started = std::time::Instant::now();
+    let head = format!(
+        "POST {PATH}/ListVms HTTP/1.1\r\nhost: x\r\nauthorization: Bearer dev_user_alice\r\n\
+         x-tenant-id: t1\r\ncontent-type: application/json\r\nconnect-timeout-ms: 300\r\n\
+         content-length: 100\r\n\r\n{{"
+    );
+    let answer = raw_exchange(m.port, head.as_bytes(), std::time::Duration::from_secs(10)).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 504") && answer.contains("deadline_exceeded"),
+        "{answer}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // A deadline already passed when the request is read starts nothing.
+    let create = pb::CreateVmRequest {
+        vm_id: "deadline-zero".into(),
+        config: Some(small_config()),
+        ..Default::default()
+    };
+    let (s, b) = raw(
+        &m,
+        "CreateVm",
+        &[AUTH, TENANT, PROTO, ("connect-timeout-ms", "0")],
+        create.encode_to_vec(),
+    )
+    .await;
+    assert_eq!((s, code(&b)), (504, "deadline_exceeded"), "{b}");
+    assert!(
+        b["message"].as_str().unwrap().contains("nothing was done"),
+        "{b}"
+    );
     // The deadline passes while Docker works: deadline_exceeded; the VM is still made whole.
+    // 5 ms is well under a Docker create and over the reading of a local request; on a
+    // machine so loaded that reading took longer, the answer says nothing was started.
     let create = pb::CreateVmRequest {
         vm_id: "deadline-vm".into(),
         config: Some(small_config()),
@@ -250,21 +376,28 @@ async fn bodies_content_types_sizes_methods() {
     let (s, b) = raw(
         &m,
         "CreateVm",
-        &[AUTH, TENANT, PROTO, ("connect-timeout-ms", "1")],
+        &[AUTH, TENANT, PROTO, ("connect-timeout-ms", "5")],
         create.encode_to_vec(),
     )
     .await;
     assert_eq!((s, code(&b)), (504, "deadline_exceeded"), "{b}");
     let c = m.client("alice");
-    eventually(
-        std::time::Duration::from_secs(10),
-        "the create finished in the background",
-        || {
-            let c = c.clone();
-            async move { c.info("deadline-vm").await.is_ok() }
-        },
-    )
-    .await;
+    let e = c.info("deadline-zero").await.unwrap_err();
+    assert_eq!(e.code, "not_found", "{e:?}");
+    if b["message"].as_str().unwrap().contains("nothing was done") {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert_eq!(c.info("deadline-vm").await.unwrap_err().code, "not_found");
+    } else {
+        eventually(
+            std::time::Duration::from_secs(10),
+            "the create finished in the background",
+            || {
+                let c = c.clone();
+                async move { c.info("deadline-vm").await.is_ok() }
+            },
+        )
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,6 +439,13 @@ async fn each_create_rule_names_its_field() {
         }),
         ("env.1BAD", |c| {
             c.metadata.insert("env.1BAD".into(), "x".into());
+        }),
+        // Binary proto can carry an enum number with no name; JSON could not return it.
+        ("config.network[0].mode", |c| {
+            c.network = vec![pb::NetworkInterface {
+                mode: 7,
+                ..Default::default()
+            }]
         }),
     ];
     for (field, edit) in cases {
@@ -351,5 +491,28 @@ async fn each_create_rule_names_its_field() {
         scope_containers(&m.scope).len(),
         1,
         "failed creates leave nothing behind"
+    );
+}
+
+/// A request head that never completes is dropped after the header read timeout, so
+/// stalled clients cannot pile up connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_request_heads_are_dropped() {
+    let m = Metald::start("stalled").await;
+    let started = std::time::Instant::now();
+    let got = raw_exchange(
+        m.port,
+        format!("POST {PATH}/ListVms HTTP/1.1\r\nhost: x\r\n").as_bytes(),
+        metald::listener::HEADER_READ_TIMEOUT + std::time::Duration::from_secs(15),
+    )
+    .await;
+    let waited = started.elapsed();
+    assert!(
+        waited < metald::listener::HEADER_READ_TIMEOUT + std::time::Duration::from_secs(10),
+        "the connection was still open after {waited:?}"
+    );
+    assert!(
+        waited >= metald::listener::HEADER_READ_TIMEOUT - std::time::Duration::from_secs(1),
+        "closed after {waited:?}, before the timeout: {got:?}"
     );
 }
