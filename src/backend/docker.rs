@@ -44,15 +44,22 @@ const START_TRIES: usize = 3;
 #[derive(Clone)]
 pub struct DockerBackend {
     /// Replaced after version negotiation (the engine may be older or newer than bollard).
-    client: Arc<RwLock<Docker>>,
+    /// `None` until a socket exists: dockerd removes its socket while it is down, and
+    /// metald must start anyway and connect once the engine is back.
+    client: Arc<RwLock<Option<Docker>>>,
     engine: Arc<RwLock<EngineInfo>>,
     settings: Arc<DockerSettings>,
 }
 
 impl DockerBackend {
-    /// Prepares a client; does not contact the engine (it may be down at start).
+    /// Prepares a client; does not contact the engine (it may be down at start, its socket
+    /// not even there). Fails only for a host setting no client can be made of.
     pub fn new(settings: DockerSettings) -> Result<Self, Error> {
-        let client = connect(&settings.host)?;
+        let client = match connect(&settings.host) {
+            Ok(client) => Some(client),
+            Err(e) if e.is_unavailable() => None,
+            Err(e) => return Err(e),
+        };
         Ok(Self {
             client: Arc::new(RwLock::new(client)),
             engine: Arc::new(RwLock::new(EngineInfo::default())),
@@ -64,18 +71,24 @@ impl DockerBackend {
         &self.settings
     }
 
-    fn docker(&self) -> Docker {
-        match self.client.read() {
+    fn docker(&self) -> Result<Docker, Error> {
+        let client = match self.client.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
-        }
+        };
+        client.ok_or_else(|| Error {
+            op: "connect",
+            target: self.settings.host.clone(),
+            kind: ErrorKind::Unavailable("the Docker socket is not there (yet)".into()),
+        })
     }
 
     /// A client whose request timeout leaves room for a grace period: the engine answers a
     /// stop only once the container is down.
-    fn docker_for(&self, grace: Duration) -> Docker {
-        self.docker()
-            .with_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS) + grace)
+    fn docker_for(&self, grace: Duration) -> Result<Docker, Error> {
+        Ok(self
+            .docker()?
+            .with_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS) + grace))
     }
 
     /// Talks to the engine: agrees on an API version and reads its version and CPU count.
@@ -99,7 +112,7 @@ impl DockerBackend {
             ncpu: info.ncpu.unwrap_or(0),
         };
         if let Ok(mut g) = self.client.write() {
-            *g = negotiated;
+            *g = Some(negotiated);
         }
         if let Ok(mut g) = self.engine.write() {
             *g = engine.clone();
@@ -116,7 +129,7 @@ impl DockerBackend {
     }
 
     pub async fn ping(&self) -> Result<(), Error> {
-        self.docker()
+        self.docker()?
             .ping()
             .await
             .map(|_| ())
@@ -126,7 +139,7 @@ impl DockerBackend {
     /// Makes sure the image is present, pulling it within the configured time.
     #[tracing::instrument(name = "docker.image", level = "info", skip_all, fields(otel.kind = "client", image = %image))]
     pub async fn ensure_image(&self, image: &str) -> Result<(), Error> {
-        let docker = self.docker();
+        let docker = self.docker()?;
         match docker.inspect_image(image).await {
             Ok(_) => return Ok(()),
             Err(e) => {
@@ -227,7 +240,7 @@ impl DockerBackend {
             name: Some(spec.name.clone()),
             ..Default::default()
         };
-        self.docker()
+        self.docker()?
             .create_container(Some(options), body)
             .await
             .map(|r| r.id)
@@ -237,7 +250,7 @@ impl DockerBackend {
     #[tracing::instrument(name = "docker.inspect", level = "info", skip_all, fields(otel.kind = "client", container = %container))]
     pub async fn inspect(&self, container: &str) -> Result<ContainerView, Error> {
         let r = self
-            .docker()
+            .docker()?
             .inspect_container(container, None::<InspectContainerOptions>)
             .await
             .map_err(|e| Error::new("inspect container", container, &e))?;
@@ -250,7 +263,7 @@ impl DockerBackend {
         loop {
             tries += 1;
             let result = self
-                .docker()
+                .docker()?
                 .start_container(container, None::<StartContainerOptions>)
                 .await
                 .map_err(|e| Error::new("start container", container, &e));
@@ -270,7 +283,7 @@ impl DockerBackend {
             t: Some(secs(grace)),
             ..Default::default()
         };
-        self.docker_for(grace)
+        self.docker_for(grace)?
             .stop_container(container, Some(options))
             .await
             .map_err(|e| Error::new("stop container", container, &e))
@@ -281,7 +294,7 @@ impl DockerBackend {
         let options = KillContainerOptions {
             signal: "SIGKILL".to_owned(),
         };
-        self.docker()
+        self.docker()?
             .kill_container(container, Some(options))
             .await
             .map_err(|e| Error::new("kill container", container, &e))
@@ -289,7 +302,7 @@ impl DockerBackend {
 
     #[tracing::instrument(name = "docker.pause", level = "info", skip_all, fields(otel.kind = "client", container = %container))]
     pub async fn pause(&self, container: &str) -> Result<(), Error> {
-        self.docker()
+        self.docker()?
             .pause_container(container)
             .await
             .map_err(|e| Error::new("pause container", container, &e))
@@ -297,7 +310,7 @@ impl DockerBackend {
 
     #[tracing::instrument(name = "docker.unpause", level = "info", skip_all, fields(otel.kind = "client", container = %container))]
     pub async fn unpause(&self, container: &str) -> Result<(), Error> {
-        self.docker()
+        self.docker()?
             .unpause_container(container)
             .await
             .map_err(|e| Error::new("unpause container", container, &e))
@@ -311,7 +324,7 @@ impl DockerBackend {
             t: Some(t),
             ..Default::default()
         };
-        self.docker_for(grace.unwrap_or_default())
+        self.docker_for(grace.unwrap_or_default())?
             .restart_container(container, Some(options))
             .await
             .map_err(|e| Error::new("restart container", container, &e))
@@ -324,7 +337,7 @@ impl DockerBackend {
             v: true,
             ..Default::default()
         };
-        self.docker()
+        self.docker()?
             .remove_container(container, Some(options))
             .await
             .map_err(|e| Error::new("remove container", container, &e))
@@ -337,7 +350,7 @@ impl DockerBackend {
             stream: false,
             one_shot: true,
         };
-        let mut stream = self.docker().stats(container, Some(options));
+        let mut stream = self.docker()?.stats(container, Some(options));
         let reading = stream
             .next()
             .await
@@ -346,14 +359,15 @@ impl DockerBackend {
                 target: container.to_owned(),
                 // The engine closes the stream without a reading when the container went
                 // away between listing and reading: it is gone, not failing.
-                kind: ErrorKind::NotFound,
+                kind: ErrorKind::NotFound("the stats stream ended without a reading".into()),
             })?
             .map_err(|e| Error::new("read stats", container, &e))?;
         Ok(stats_of(reading))
     }
 
-    /// Every container that claims to be a VM made by metald (any scope), inspected.
-    pub async fn list_vm_containers(&self) -> Result<Vec<ContainerView>, Error> {
+    /// Every container that claims to be a VM made by metald (any scope), inspected, and how
+    /// many of them could not be inspected (logged; the engine answered, but not for them).
+    pub async fn list_vm_containers(&self) -> Result<(Vec<ContainerView>, usize), Error> {
         let filter = format!("{}={}", labels::CREATED_BY, labels::CREATED_BY_VALUE);
         self.list_inspected(HashMap::from([("label".to_owned(), vec![filter])]))
             .await
@@ -361,7 +375,7 @@ impl DockerBackend {
 
     /// Every container whose name starts with `prefix`, inspected.
     pub async fn list_named(&self, prefix: &str) -> Result<Vec<ContainerView>, Error> {
-        let views = self
+        let (views, _unreadable) = self
             .list_inspected(HashMap::from([(
                 "name".to_owned(),
                 vec![prefix.to_owned()],
@@ -377,14 +391,14 @@ impl DockerBackend {
     async fn list_inspected(
         &self,
         filters: HashMap<String, Vec<String>>,
-    ) -> Result<Vec<ContainerView>, Error> {
+    ) -> Result<(Vec<ContainerView>, usize), Error> {
         let options = ListContainersOptions {
             all: true,
             filters: Some(filters),
             ..Default::default()
         };
         let summaries = self
-            .docker()
+            .docker()?
             .list_containers(Some(options))
             .await
             .map_err(|e| Error::new("list containers", "", &e))?;
@@ -397,15 +411,43 @@ impl DockerBackend {
             .collect()
             .await;
         let mut out = Vec::with_capacity(views.len());
+        let mut unreadable = 0;
         for v in views {
             match v {
                 Ok(v) => out.push(v),
                 // Removed between list and inspect: simply not there any more.
                 Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
+                Err(e) if e.is_unavailable() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not inspect a VM container; passing over it");
+                    unreadable += 1;
+                }
             }
         }
-        Ok(out)
+        Ok((out, unreadable))
+    }
+
+    /// Whether the engine has a network of that name (or id).
+    #[tracing::instrument(name = "docker.network", level = "info", skip_all, fields(otel.kind = "client", network = %network))]
+    pub async fn network_exists(&self, network: &str) -> Result<bool, Error> {
+        match self
+            .docker()?
+            .inspect_network(
+                network,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let err = Error::new("inspect network", network, &e);
+                if err.is_not_found() {
+                    Ok(false)
+                } else {
+                    Err(err)
+                }
+            }
+        }
     }
 
     /// Container events of VM containers since `since` (Unix seconds), as they happen.
@@ -429,7 +471,11 @@ impl DockerBackend {
             filters: Some(filters),
             ..Default::default()
         };
-        self.docker()
+        let docker = match self.docker() {
+            Ok(docker) => docker,
+            Err(e) => return futures::stream::once(async { Err(e) }).left_stream(),
+        };
+        docker
             .events(Some(options))
             .map_err(|e| Error::new("follow events", "", &e))
             .try_filter_map(|m| async move {
@@ -459,6 +505,7 @@ impl DockerBackend {
                     action,
                 }))
             })
+            .right_stream()
     }
 }
 

@@ -80,9 +80,11 @@ pub struct Error {
 /// Docker's answer, classified.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// 404: no such container or image.
-    #[error("not found")]
-    NotFound,
+    /// 404: no such container or image, in Docker's words. (Docker also answers 404 when
+    /// something a container needs is missing, its network say: callers that act on "gone"
+    /// confirm with an inspect.)
+    #[error("not found: {0}")]
+    NotFound(String),
     /// 409: a name already in use, or a state conflict ("is already paused").
     #[error("conflict: {0}")]
     Conflict(String),
@@ -114,7 +116,7 @@ pub fn classify(err: &bollard::errors::Error) -> ErrorKind {
         } => {
             let lower = message.to_ascii_lowercase();
             match *status_code {
-                404 => ErrorKind::NotFound,
+                404 => ErrorKind::NotFound(message.clone()),
                 409 => ErrorKind::Conflict(message.clone()),
                 304 => ErrorKind::NotModified,
                 _ if lower.contains("port is already allocated")
@@ -152,7 +154,7 @@ impl Error {
     }
 
     pub fn is_not_found(&self) -> bool {
-        self.kind == ErrorKind::NotFound
+        matches!(self.kind, ErrorKind::NotFound(_))
     }
 
     pub fn is_unavailable(&self) -> bool {
@@ -176,7 +178,7 @@ mod tests {
     fn classifies_status_codes() {
         assert_eq!(
             classify(&server(404, "No such container: x")),
-            ErrorKind::NotFound
+            ErrorKind::NotFound("No such container: x".into())
         );
         assert_eq!(classify(&server(304, "")), ErrorKind::NotModified);
         assert!(matches!(

@@ -39,7 +39,7 @@ impl Error {
     pub fn from_backend(vm_id: &str, err: backend::Error) -> Self {
         use backend::ErrorKind as K;
         match err.kind {
-            K::NotFound => Error::vm_not_found(vm_id),
+            K::NotFound(_) => Error::vm_not_found(vm_id),
             K::Conflict(message) => Error::FailedPrecondition(format!("vm {vm_id}: {message}")),
             K::NotModified => {
                 Error::FailedPrecondition(format!("vm {vm_id}: already in that state"))

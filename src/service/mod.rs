@@ -250,9 +250,11 @@ impl VmService {
         match result {
             Ok(()) => {}
             Err(e) if e.kind == backend::ErrorKind::NotModified => {}
+            // A 404 may be about the container or about something it needs (its network,
+            // removed or never there): only a container that is really gone is a VM gone.
             Err(e) if e.is_not_found() => {
-                self.index.remove(&id, Some(&container_id));
-                return Err(Error::vm_not_found(vm_id));
+                self.refresh_locked(&id, &container_id).await?;
+                return Err(Error::FailedPrecondition(format!("vm {vm_id}: {e}")));
             }
             // Docker disagrees about the state (it changed behind our back): look again; if it
             // is already where we were going, the operation is done.

@@ -24,6 +24,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Runs until `cancel`: connect, reconcile, follow events, repeat.
 pub async fn run(service: Arc<VmService>, cancel: CancellationToken) {
     let mut backoff = BACKOFF_MIN;
+    // One warning per outage (the first failed attempt at start counts as one), then quiet.
+    let mut warned = false;
     loop {
         if cancel.is_cancelled() {
             return;
@@ -35,6 +37,10 @@ pub async fn run(service: Arc<VmService>, cancel: CancellationToken) {
                     tracing::warn!(error = %e, "lost the docker engine; answering unavailable until it is back");
                     RECONNECTS.fetch_add(1, Ordering::Relaxed);
                     backoff = BACKOFF_MIN;
+                    warned = true;
+                } else if !warned {
+                    tracing::warn!(error = %e, "cannot reach the docker engine; answering unavailable and retrying");
+                    warned = true;
                 } else {
                     tracing::debug!(error = %e, "docker engine still unreachable");
                 }
@@ -58,6 +64,7 @@ async fn connect_and_follow(
     // Events since just before the re-list are replayed, so nothing between the two is missed.
     let since = crate::vm::unix_seconds(SystemTime::now()) - 1;
     resync(service).await?;
+    warn_if_network_missing(service).await;
     if !service.docker_up() {
         tracing::info!(
             version = engine.version,
@@ -91,30 +98,60 @@ async fn connect_and_follow(
     }
 }
 
+/// The configured network is checked at every connect: without it every BootVm fails, and
+/// the operator should hear why before the first caller does.
+async fn warn_if_network_missing(service: &Arc<VmService>) {
+    let network = &service.backend().settings().network;
+    match service.backend().network_exists(network).await {
+        Ok(true) => {}
+        Ok(false) => tracing::error!(
+            network,
+            "UNKEY_METALD_DOCKER_NETWORK names a network the engine does not have: BootVm fails until it exists"
+        ),
+        Err(e) => tracing::warn!(network, error = %e, "could not check the docker network"),
+    }
+}
+
 /// Lists every VM container of this scope and brings the index in line; removes containers
 /// named like VMs of this scope that carry no valid labels (leftovers of interrupted creates).
+/// One container that cannot be removed or inspected is logged and passed over: it must not
+/// keep the whole instance answering `unavailable`.
 async fn resync(service: &Arc<VmService>) -> Result<(), backend::Error> {
     let backend = service.backend();
     for zombie in backend
         .list_named(&labels::name_prefix(service.scope()))
         .await?
     {
-        if let Err(why) = backend::docker::vm_labels(&zombie) {
-            tracing::warn!(
-                container = zombie.name,
-                container_id = zombie.id,
-                reason = why,
-                "removing leftover container of an interrupted create"
-            );
-            if let Err(e) = backend.remove(&zombie.id, true).await {
-                if !e.is_not_found() {
-                    return Err(e);
-                }
+        let Err(why) = backend::docker::vm_labels(&zombie) else {
+            continue;
+        };
+        // The default scope's names are a prefix of every scope's: a container that says it
+        // belongs to another scope is that scope's to reap.
+        if zombie
+            .labels
+            .get(labels::SCOPE)
+            .is_some_and(|scope| scope != service.scope())
+        {
+            continue;
+        }
+        tracing::warn!(
+            container = zombie.name,
+            container_id = zombie.id,
+            reason = why,
+            "removing leftover container of an interrupted create"
+        );
+        if let Err(e) = backend.remove(&zombie.id, true).await {
+            if e.is_unavailable() {
+                return Err(e);
+            }
+            if !e.is_not_found() {
+                tracing::warn!(container = zombie.name, error = %e, "could not remove leftover container; passing over it");
             }
         }
     }
     let mut seen = HashSet::new();
-    for view in backend.list_vm_containers().await? {
+    let (views, unreadable) = backend.list_vm_containers().await?;
+    for view in views {
         let id = view.id.clone();
         match service.snapshot_of(view) {
             Ok(snapshot) => {
@@ -129,6 +166,10 @@ async fn resync(service: &Arc<VmService>) -> Result<(), backend::Error> {
             }
             Err(why) => tracing::debug!(container_id = id, reason = why, "not a VM of this scope"),
         }
+    }
+    if unreadable > 0 {
+        // Some container could not be inspected: do not conclude that any VM is gone.
+        return Ok(());
     }
     // Gone while we were not looking; refresh confirms under the lock before removing.
     for vm_id in service.index().ids() {

@@ -55,3 +55,52 @@ async fn docker_outage_answers_unavailable_then_recovers() {
         "{metrics}"
     );
 }
+
+/// dockerd removes its socket while it is down: metald started then stays up, answers
+/// `unavailable`, says why once, and connects when the socket appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_without_a_docker_socket_and_connects_later() {
+    ensure_image();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = DockerProxy::new(dir.path());
+    let host = format!("unix://{}", proxy.path.display());
+    let mut m = Metald::launch_with("nosocket", &[("UNKEY_METALD_DOCKER_HOST", &host)]);
+    eventually(Duration::from_secs(10), "health answers 503", || async {
+        matches!(reqwest::get(format!("{}/health", m.base())).await, Ok(r) if r.status() == 503)
+    })
+    .await;
+    assert!(m.exited().is_none(), "metald exited: {}", m.log_text());
+    let c = m.client("alice");
+    assert_eq!(c.list().await.unwrap_err().code, "unavailable");
+    assert!(
+        m.log_text().contains("cannot reach the docker engine"),
+        "{}",
+        m.log_text()
+    );
+    proxy.start();
+    m.wait_healthy().await;
+    let id = c.create(small_config()).await.unwrap();
+    c.delete(&id, true).await.unwrap();
+}
+
+/// Docker answers 404 to a start when the container's network is missing: that is a
+/// failed precondition of a VM that still exists, not a VM that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_network_fails_boot_and_keeps_the_vm() {
+    let network = format!("metald-missing-{}", std::process::id());
+    let m = Metald::start_with("nonet", &[("UNKEY_METALD_DOCKER_NETWORK", &network)]).await;
+    assert!(
+        m.log_text()
+            .contains("names a network the engine does not have"),
+        "{}",
+        m.log_text()
+    );
+    let c = m.client("alice");
+    let id = c.create(small_config()).await.unwrap();
+    let e = c.boot(&id).await.unwrap_err();
+    assert_eq!(e.code, "failed_precondition", "{e:?}");
+    assert!(e.message.contains(&network), "{e:?}");
+    assert_eq!(c.state(&id).await.unwrap(), VmState::Created);
+    assert_eq!(c.list().await.unwrap().vms.len(), 1);
+    c.delete(&id, false).await.unwrap();
+}

@@ -119,6 +119,17 @@ async fn leftovers_of_interrupted_creates_are_removed_at_start() {
         "unkey.vm.id=x",
         IMAGE,
     ]);
+    // A broken container of a scope whose name extends ours (`<scope>-x`): its name starts
+    // with our prefix, but its scope label says it is not ours to reap.
+    let neighbour = format!("unkey-vm-{}-x-leftover", m.scope);
+    docker(&[
+        "create",
+        "--name",
+        &neighbour,
+        "--label",
+        &format!("unkey.vm.scope={}-x", m.scope),
+        IMAGE,
+    ]);
     m.restart().await;
     eventually(Duration::from_secs(10), "zombie removed", || async {
         docker(&["ps", "-aq", "--filter", &format!("name=^{zombie}$")]).is_empty()
@@ -127,6 +138,7 @@ async fn leftovers_of_interrupted_creates_are_removed_at_start() {
     assert!(m.log_text().contains("leftover container"));
     assert_eq!(c.state(&keep).await.unwrap(), VmState::Created);
     assert!(!docker(&["ps", "-aq", "--filter", &format!("name=^{other}$")]).is_empty());
-    docker(&["rm", "-f", &other]);
+    assert!(!docker(&["ps", "-aq", "--filter", &format!("name=^{neighbour}$")]).is_empty());
+    docker(&["rm", "-f", &other, &neighbour]);
     let _ = pb::VmState::Created;
 }

@@ -108,6 +108,13 @@ impl Metald {
     }
 
     pub async fn start_with(test: &str, env: &[(&str, &str)]) -> Self {
+        let m = Self::launch_with(test, env);
+        m.wait_healthy().await;
+        m
+    }
+
+    /// Starts metald without waiting for it to become healthy.
+    pub fn launch_with(test: &str, env: &[(&str, &str)]) -> Self {
         ensure_image();
         let scope = scope(test);
         remove_scope_containers(&scope);
@@ -126,8 +133,14 @@ impl Metald {
             _dir: dir,
         };
         m.spawn();
-        m.wait_healthy().await;
         m
+    }
+
+    /// The exit status, if the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     fn spawn(&mut self) {
