@@ -419,6 +419,34 @@ impl Parser<'_> {
                 format!("{log_level:?} is not a level or RUST_LOG directive: {e}"),
             );
         }
+        // RUST_LOG reads a bare word as a target name, so a misspelt level ("warnig") would
+        // silently log nothing: a bare word must be a level; a target takes `target=level`.
+        if let Some(word) = log_level.split(',').map(str::trim).find(|d| {
+            !d.is_empty()
+                && !d.contains('=')
+                && !d.contains('[')
+                && d.parse::<tracing_subscriber::filter::LevelFilter>()
+                    .is_err()
+        }) {
+            return self.fail(
+                "log_level",
+                format!(
+                    "{word:?} is not a level (trace, debug, info, warn, error, off); name a target as target=level"
+                ),
+            );
+        }
+        let otel_endpoint = self.string("otel_endpoint");
+        let traces_url = crate::telemetry::otlp_traces_url(&otel_endpoint);
+        let valid_endpoint = traces_url.parse::<http::Uri>().is_ok_and(|u| {
+            matches!(u.scheme_str(), Some("http" | "https"))
+                && u.host().is_some_and(|h| !h.is_empty())
+        });
+        if !valid_endpoint {
+            return self.fail(
+                "otel_endpoint",
+                format!("{otel_endpoint:?} is not an OTLP/HTTP host:port or http(s):// URL"),
+            );
+        }
         let tls = self.tls()?;
         let effective = KEYS.iter().map(|(k, _)| (*k, self.raw(k))).collect();
         Ok(Config {
@@ -447,7 +475,7 @@ impl Parser<'_> {
             tls,
             otel: OtelConfig {
                 enabled: self.bool("otel_enabled")?,
-                endpoint: self.string("otel_endpoint"),
+                endpoint: otel_endpoint,
                 service_name: self.non_empty("otel_service_name")?,
                 sampling_rate,
                 prometheus_enabled: self.bool("otel_prometheus_enabled")?,
@@ -569,6 +597,25 @@ mod tests {
         );
         assert!(err(&[("UNKEY_METALD_TLS_MODE", "mtls")]).starts_with("UNKEY_METALD_TLS_MODE:"));
         assert!(err(&[("UNKEY_METALD_LOG_LEVEL", "info,[")]).starts_with("UNKEY_METALD_LOG_LEVEL:"));
+        assert!(err(&[("UNKEY_METALD_LOG_LEVEL", "warnig")]).contains("is not a level"));
+        for ok in ["WARN", "info,metald::billing=debug", "debug,hyper=off"] {
+            let c = Config::from_sources(None, &env(&[("UNKEY_METALD_LOG_LEVEL", ok)]));
+            assert!(c.is_ok(), "{ok}: {:?}", c.err());
+        }
+        assert!(err(&[("UNKEY_METALD_OTEL_ENDPOINT", "bad host:43 18")])
+            .starts_with("UNKEY_METALD_OTEL_ENDPOINT:"));
+        assert!(
+            err(&[("UNKEY_METALD_OTEL_ENDPOINT", "ftp://collector:4318")])
+                .starts_with("UNKEY_METALD_OTEL_ENDPOINT:")
+        );
+        for ok in [
+            "localhost:4318",
+            "http://otel:4318",
+            "https://otel.example/v1/traces",
+        ] {
+            let c = Config::from_sources(None, &env(&[("UNKEY_METALD_OTEL_ENDPOINT", ok)]));
+            assert!(c.is_ok(), "{ok}: {:?}", c.err());
+        }
         assert!(err(&[("UNKEY_METALD_DOCKER_SCOPE", "Bad Scope")])
             .starts_with("UNKEY_METALD_DOCKER_SCOPE:"));
     }

@@ -261,6 +261,33 @@ async fn dispatch(
     outcome.response
 }
 
+/// Waits for a call whose caller gave up before it could learn the VM's id, and deletes
+/// the VM it made, if it made one.
+async fn undo_unseen_vm<Resp: RevealsVm>(
+    service: Arc<VmService>,
+    caller: Caller,
+    task: tokio::task::JoinHandle<Result<Resp, service::Error>>,
+) {
+    let Ok(Ok(resp)) = task.await else {
+        return;
+    };
+    let Some(vm_id) = resp.revealed_vm_id() else {
+        return;
+    };
+    match service
+        .apply(&caller, vm_id, crate::vm::state::Op::Delete { force: true })
+        .await
+    {
+        Ok(_) => tracing::info!(
+            vm_id,
+            "removed a vm made after its caller's deadline passed"
+        ),
+        Err(e) => {
+            tracing::warn!(vm_id, error = %e, "could not remove a vm made after its caller's deadline passed")
+        }
+    }
+}
+
 /// Longest a request body may take to arrive, whatever the caller's deadline.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -384,7 +411,7 @@ impl Call<'_> {
     ) -> Result<Resp, RpcError>
     where
         Req: prost::Message + Default + serde::de::DeserializeOwned + NamesVm + Send + 'static,
-        Resp: Send + 'static,
+        Resp: RevealsVm + Send + 'static,
         F: FnOnce(Arc<VmService>, Caller, Req) -> Fut,
         Fut: Future<Output = Result<Resp, service::Error>> + Send + 'static,
     {
@@ -438,13 +465,27 @@ impl Call<'_> {
                 ));
             }
         }
-        let task = self
+        let named = !outcome.vm_id.is_empty();
+        let mut task = self
             .app
             .rpc_tasks
-            .spawn(handler(self.app.service.clone(), caller, request).in_current_span());
+            .spawn(handler(self.app.service.clone(), caller.clone(), request).in_current_span());
         let joined = match deadline {
-            Some((at, d)) => match tokio::time::timeout_at(at.into(), task).await {
+            Some((at, d)) => match tokio::time::timeout_at(at.into(), &mut task).await {
                 Ok(joined) => joined,
+                // A VM whose id the server made and the caller never received could only
+                // be found by listing: it is removed again once made, and a retry starts
+                // clean. A VM the caller named finishes, so a retry finds it.
+                Err(_) if !named => {
+                    let service = self.app.service.clone();
+                    self.app
+                        .rpc_tasks
+                        .spawn(undo_unseen_vm(service, caller, task).in_current_span());
+                    return Err(deadline_passed(
+                        d,
+                        "while the operation ran; the VM it was making is removed again, as its id never reached you",
+                    ));
+                }
                 Err(_) => {
                     return Err(deadline_passed(
                         d,

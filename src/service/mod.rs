@@ -189,7 +189,22 @@ impl VmService {
                 let snapshot = self.index.upsert(snapshot).snapshot();
                 return same_vm(snapshot, caller, &config_bytes);
             }
-            Err(e) => return Err(Error::from_backend(vm_id.as_str(), e)),
+            Err(e) => {
+                // A timeout or a dropped connection says nothing of whether the engine made
+                // the container: remove it by name, so a failed create leaves no VM behind.
+                if e.is_unavailable() {
+                    match self.backend.remove(&container.name, true).await {
+                        Ok(()) => {
+                            tracing::info!(vm_id = %vm_id, "removed the container of a create that failed midway")
+                        }
+                        Err(r) if r.is_not_found() => {}
+                        Err(r) => {
+                            tracing::warn!(vm_id = %vm_id, error = %r, "could not remove the container of a failed create; the next re-list finds it")
+                        }
+                    }
+                }
+                return Err(Error::from_backend(vm_id.as_str(), e));
+            }
         };
         match self.observe(&container_id).await {
             Ok(snapshot) => {

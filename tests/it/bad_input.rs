@@ -398,6 +398,50 @@ async fn bodies_content_types_sizes_methods() {
         )
         .await;
     }
+    // Without a vm_id the caller cannot learn the id of a VM made after its deadline: that
+    // VM is removed again, so a retry does not leave an orphan behind.
+    let create = pb::CreateVmRequest {
+        config: Some(small_config()),
+        ..Default::default()
+    };
+    let (s, b) = raw(
+        &m,
+        "CreateVm",
+        &[AUTH, TENANT, PROTO, ("connect-timeout-ms", "5")],
+        create.encode_to_vec(),
+    )
+    .await;
+    assert_eq!((s, code(&b)), (504, "deadline_exceeded"), "{b}");
+    if b["message"].as_str().unwrap().contains("removed again") {
+        eventually(
+            std::time::Duration::from_secs(15),
+            "the unseen VM was made and removed",
+            || async {
+                m.log_text()
+                    .contains("removed a vm made after its caller's deadline")
+            },
+        )
+        .await;
+    }
+    eventually(
+        std::time::Duration::from_secs(15),
+        "only the named VM is left",
+        || {
+            let c = c.clone();
+            async move {
+                let ids: Vec<String> = c
+                    .list()
+                    .await
+                    .map(|l| l.vms.into_iter().map(|v| v.vm_id).collect())
+                    .unwrap_or_default();
+                ids.iter().all(|id| id == "deadline-vm")
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let left = c.list().await.unwrap().vms.len();
+    assert!(left <= 1, "{left} VMs left");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,6 +483,9 @@ async fn each_create_rule_names_its_field() {
         }),
         ("env.1BAD", |c| {
             c.metadata.insert("env.1BAD".into(), "x".into());
+        }),
+        ("not a valid image reference", |c| {
+            c.metadata.insert("docker_image".into(), "app?x=1".into());
         }),
         // Binary proto can carry an enum number with no name; JSON could not return it.
         ("config.network[0].mode", |c| {
