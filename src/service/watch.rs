@@ -159,7 +159,7 @@ async fn resync(service: &Arc<VmService>) -> Result<(), backend::Error> {
                 match service.index().get(&vm_id) {
                     Some(_) => refresh_soon(service, &vm_id, Some(&id)).await,
                     None => {
-                        service.index().upsert(snapshot);
+                        service.index().insert_new(snapshot);
                     }
                 }
                 seen.insert(vm_id);
@@ -262,9 +262,7 @@ pub(crate) async fn refresh(service: &VmService, vm_id: &str, container_hint: Op
             match service.backend().inspect(container).await {
                 Ok(view) => {
                     if let Ok(snapshot) = service.snapshot_of(view) {
-                        if index.get(&id).is_none() {
-                            index.upsert(snapshot);
-                        }
+                        index.insert_new(snapshot);
                     }
                 }
                 Err(e) if e.is_not_found() => {}

@@ -6,9 +6,9 @@
 //! so operations on one VM are serialised and operations on different VMs never wait on each
 //! other. Readers (GetVmInfo, ListVms) take snapshots and never queue behind operations.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::{VmId, VmSnapshot, VmState};
 
@@ -56,10 +56,35 @@ impl VmSlot {
     }
 }
 
+/// How many removed containers the index remembers (see `VmIndex::insert_new`).
+const TOMBSTONES: usize = 4096;
+
+/// Container ids recently removed from the index, oldest first.
+#[derive(Debug, Default)]
+struct Tombstones {
+    order: VecDeque<String>,
+    set: HashSet<String>,
+}
+
+impl Tombstones {
+    fn add(&mut self, container_id: &str) {
+        if self.set.insert(container_id.to_owned()) {
+            self.order.push_back(container_id.to_owned());
+            if self.order.len() > TOMBSTONES {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.set.remove(&oldest);
+                }
+            }
+        }
+    }
+}
+
 /// All VMs this instance manages.
 #[derive(Debug, Default)]
 pub struct VmIndex {
     slots: RwLock<HashMap<VmId, Arc<VmSlot>>>,
+    /// Taken after `slots`, never alone across an insert.
+    removed: Mutex<Tombstones>,
     /// Signalled when a VM appears, disappears or changes state (billing follows it).
     changes: tokio::sync::Notify,
 }
@@ -110,6 +135,29 @@ impl VmIndex {
         }
     }
 
+    /// Adds a VM seen in Docker that the index does not have, unless the index has it by
+    /// now or removed that very container: an observation made before a delete (an event's
+    /// inspect still in flight) must not bring the deleted VM back.
+    pub fn insert_new(&self, snapshot: VmSnapshot) -> bool {
+        let mut map = self.write();
+        if map.contains_key(&snapshot.vm_id)
+            || self.tombstones().set.contains(&snapshot.container_id)
+        {
+            return false;
+        }
+        let id = snapshot.vm_id.clone();
+        map.insert(id, Arc::new(VmSlot::new(snapshot)));
+        self.changes.notify_one();
+        true
+    }
+
+    fn tombstones(&self) -> std::sync::MutexGuard<'_, Tombstones> {
+        match self.removed.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
     /// Removes a VM; only when `container_id` still matches (a late event about an old
     /// container must not remove its replacement). `None` removes unconditionally.
     pub fn remove(&self, id: &VmId, container_id: Option<&str>) -> bool {
@@ -122,6 +170,7 @@ impl VmIndex {
         if matches {
             if let Some(slot) = map.remove(id) {
                 slot.removed.store(true, Ordering::Release);
+                self.tombstones().add(&slot.snapshot().container_id);
                 self.changes.notify_one();
             }
         }
@@ -266,6 +315,22 @@ mod tests {
         let p3 = index.list("alice", &[], p2.next.as_ref(), 3);
         assert_eq!(p3.vms.len(), 1);
         assert!(p3.next.is_none());
+    }
+
+    #[test]
+    fn a_removed_container_is_not_brought_back_by_a_late_observation() {
+        let index = VmIndex::default();
+        assert!(index.insert_new(snap("a", "alice", 1, VmState::Created)));
+        // Already there: an insert of what the index has is refused, the slot kept.
+        assert!(!index.insert_new(snap("a", "alice", 1, VmState::Running)));
+        let id = VmId::parse("a").unwrap();
+        assert!(index.remove(&id, Some("c-a")));
+        assert!(!index.insert_new(snap("a", "alice", 1, VmState::Created)));
+        assert!(index.get(&id).is_none());
+        // A new container under the same id is a new VM.
+        let mut again = snap("a", "alice", 2, VmState::Created);
+        again.container_id = "c-a-2".into();
+        assert!(index.insert_new(again));
     }
 
     #[test]
