@@ -206,7 +206,7 @@ impl VmService {
                 return Err(Error::from_backend(vm_id.as_str(), e));
             }
         };
-        match self.observe(&container_id).await {
+        match self.observe(vm_id.as_str(), &container_id).await {
             Ok(snapshot) => {
                 tracing::info!(vm_id = %vm_id, container_id, image = spec.image, "vm created");
                 Ok(self.index.upsert(snapshot).snapshot())
@@ -348,7 +348,7 @@ impl VmService {
         id: &VmId,
         container_id: &str,
     ) -> Result<Arc<VmSnapshot>, Error> {
-        match self.observe(container_id).await {
+        match self.observe(id.as_str(), container_id).await {
             Ok(snapshot) => Ok(self.index.upsert(snapshot).snapshot()),
             Err(Error::NotFound(_)) => {
                 self.index.remove(id, Some(container_id));
@@ -358,12 +358,13 @@ impl VmService {
         }
     }
 
-    async fn observe(&self, container: &str) -> Result<VmSnapshot, Error> {
+    /// Inspects the container of `vm_id` (errors name the VM, not the container).
+    async fn observe(&self, vm_id: &str, container: &str) -> Result<VmSnapshot, Error> {
         let view = self
             .backend
             .inspect(container)
             .await
-            .map_err(|e| Error::from_backend(container, e))?;
+            .map_err(|e| Error::from_backend(vm_id, e))?;
         self.snapshot_of(view).map_err(Error::Internal)
     }
 

@@ -253,10 +253,14 @@ pub fn exposed_ports(list: &str) -> Result<Vec<ExposedPort>, Error> {
             Some((n, p)) if p.eq_ignore_ascii_case("udp") => (n, Protocol::Udp),
             Some(_) => return Err(bad()),
         };
-        let port: u16 = number.trim().parse().map_err(|_| bad())?;
-        if port == 0 {
+        // Digits only: Rust's parse would also take "+8080"; no leading zero either.
+        if number.is_empty()
+            || number.starts_with('0')
+            || !number.bytes().all(|c| c.is_ascii_digit())
+        {
             return Err(bad());
         }
+        let port: u16 = number.parse().map_err(|_| bad())?;
         let p = ExposedPort { port, protocol };
         if !ports.contains(&p) {
             ports.push(p);
@@ -556,6 +560,18 @@ mod tests {
     fn ports_and_env_forms() {
         let ports = exposed_ports("80, 53/udp,8080/TCP,80").unwrap();
         assert_eq!(ports.len(), 3);
+        for bad in [
+            "+8080",
+            "080",
+            "80 /tcp",
+            "0",
+            "65536",
+            "8080/sctp",
+            "/tcp",
+            "8o",
+        ] {
+            assert!(exposed_ports(bad).is_err(), "{bad}");
+        }
         assert_eq!(
             ports[1],
             ExposedPort {
