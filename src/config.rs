@@ -419,29 +419,31 @@ impl Parser<'_> {
                 format!("{log_level:?} is not a level or RUST_LOG directive: {e}"),
             );
         }
-        // RUST_LOG reads a bare word as a target name, so a misspelt level ("warnig") would
-        // silently log nothing: a bare word must be a level; a target takes `target=level`.
-        if let Some(word) = log_level.split(',').map(str::trim).find(|d| {
-            !d.is_empty()
-                && !d.contains('=')
-                && !d.contains('[')
-                && d.parse::<tracing_subscriber::filter::LevelFilter>()
-                    .is_err()
-        }) {
+        // RUST_LOG reads a lone bare word as a target name, so a misspelt level ("warnig")
+        // would silently log nothing: a value of one word must be a level. (Among several
+        // directives, a bare word is the target it names, as RUST_LOG has it.)
+        let word = log_level.trim();
+        if !word.contains([',', '=', '['])
+            && word
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        {
             return self.fail(
                 "log_level",
                 format!(
-                    "{word:?} is not a level (trace, debug, info, warn, error, off); name a target as target=level"
+                    "{word:?} is not a level (trace, debug, info, warn, error, off); for one target's logs write target=level"
                 ),
             );
         }
+        let otel_enabled = self.bool("otel_enabled")?;
         let otel_endpoint = self.string("otel_endpoint");
         let traces_url = crate::telemetry::otlp_traces_url(&otel_endpoint);
         let valid_endpoint = traces_url.parse::<http::Uri>().is_ok_and(|u| {
             matches!(u.scheme_str(), Some("http" | "https"))
                 && u.host().is_some_and(|h| !h.is_empty())
         });
-        if !valid_endpoint {
+        // Checked when it is used: an unused endpoint in a shared env file does no harm.
+        if otel_enabled && !valid_endpoint {
             return self.fail(
                 "otel_endpoint",
                 format!("{otel_endpoint:?} is not an OTLP/HTTP host:port or http(s):// URL"),
@@ -474,7 +476,7 @@ impl Parser<'_> {
             },
             tls,
             otel: OtelConfig {
-                enabled: self.bool("otel_enabled")?,
+                enabled: otel_enabled,
                 endpoint: otel_endpoint,
                 service_name: self.non_empty("otel_service_name")?,
                 sampling_rate,
@@ -598,22 +600,38 @@ mod tests {
         assert!(err(&[("UNKEY_METALD_TLS_MODE", "mtls")]).starts_with("UNKEY_METALD_TLS_MODE:"));
         assert!(err(&[("UNKEY_METALD_LOG_LEVEL", "info,[")]).starts_with("UNKEY_METALD_LOG_LEVEL:"));
         assert!(err(&[("UNKEY_METALD_LOG_LEVEL", "warnig")]).contains("is not a level"));
-        for ok in ["WARN", "info,metald::billing=debug", "debug,hyper=off"] {
+        for ok in [
+            "WARN",
+            "info,metald::billing=debug",
+            "debug,hyper=off",
+            "info,metald",
+        ] {
             let c = Config::from_sources(None, &env(&[("UNKEY_METALD_LOG_LEVEL", ok)]));
             assert!(c.is_ok(), "{ok}: {:?}", c.err());
         }
-        assert!(err(&[("UNKEY_METALD_OTEL_ENDPOINT", "bad host:43 18")])
+        for bad in ["bad host:43 18", "ftp://collector:4318", ""] {
+            assert!(err(&[
+                ("UNKEY_METALD_OTEL_ENABLED", "true"),
+                ("UNKEY_METALD_OTEL_ENDPOINT", bad)
+            ])
             .starts_with("UNKEY_METALD_OTEL_ENDPOINT:"));
-        assert!(
-            err(&[("UNKEY_METALD_OTEL_ENDPOINT", "ftp://collector:4318")])
-                .starts_with("UNKEY_METALD_OTEL_ENDPOINT:")
-        );
+            // Not used, not checked.
+            assert!(
+                Config::from_sources(None, &env(&[("UNKEY_METALD_OTEL_ENDPOINT", bad)])).is_ok()
+            );
+        }
         for ok in [
             "localhost:4318",
             "http://otel:4318",
             "https://otel.example/v1/traces",
         ] {
-            let c = Config::from_sources(None, &env(&[("UNKEY_METALD_OTEL_ENDPOINT", ok)]));
+            let c = Config::from_sources(
+                None,
+                &env(&[
+                    ("UNKEY_METALD_OTEL_ENABLED", "true"),
+                    ("UNKEY_METALD_OTEL_ENDPOINT", ok),
+                ]),
+            );
             assert!(c.is_ok(), "{ok}: {:?}", c.err());
         }
         assert!(err(&[("UNKEY_METALD_DOCKER_SCOPE", "Bad Scope")])

@@ -261,6 +261,25 @@ async fn dispatch(
     outcome.response
 }
 
+/// A service call whose answer has not reached the caller yet. Dropped while still holding
+/// the task (the deadline passed, or the client went away and took the request future with
+/// it), it hands a create with a server-made id to [`undo_unseen_vm`].
+struct Unanswered<Resp: RevealsVm + Send + 'static> {
+    task: Option<tokio::task::JoinHandle<Result<Resp, service::Error>>>,
+    undo: Option<(Arc<VmService>, Caller, TaskTracker)>,
+}
+
+impl<Resp: RevealsVm + Send + 'static> Drop for Unanswered<Resp> {
+    fn drop(&mut self) {
+        if let (Some(task), Some((service, caller, tasks))) = (self.task.take(), self.undo.take()) {
+            // Outside a runtime (it is being dropped) there is nothing left to run it on.
+            if tokio::runtime::Handle::try_current().is_ok() {
+                tasks.spawn(undo_unseen_vm(service, caller, task).in_current_span());
+            }
+        }
+    }
+}
+
 /// Waits for a call whose caller gave up before it could learn the VM's id, and deletes
 /// the VM it made, if it made one.
 async fn undo_unseen_vm<Resp: RevealsVm>(
@@ -278,12 +297,9 @@ async fn undo_unseen_vm<Resp: RevealsVm>(
         .apply(&caller, vm_id, crate::vm::state::Op::Delete { force: true })
         .await
     {
-        Ok(_) => tracing::info!(
-            vm_id,
-            "removed a vm made after its caller's deadline passed"
-        ),
+        Ok(_) => tracing::info!(vm_id, "removed a vm whose id never reached its caller"),
         Err(e) => {
-            tracing::warn!(vm_id, error = %e, "could not remove a vm made after its caller's deadline passed")
+            tracing::warn!(vm_id, error = %e, "could not remove a vm whose id never reached its caller")
         }
     }
 }
@@ -344,12 +360,17 @@ impl NamesVm for pb::ListVmsRequest {
 
 /// Responses that name a VM the request did not (CreateVm with a server-made id), for logs.
 trait RevealsVm {
+    /// Whether this response can carry the id of a VM the call made.
+    const REVEALS: bool = false;
+
     fn revealed_vm_id(&self) -> Option<&str> {
         None
     }
 }
 
 impl RevealsVm for pb::CreateVmResponse {
+    const REVEALS: bool = true;
+
     fn revealed_vm_id(&self) -> Option<&str> {
         Some(&self.vm_id)
     }
@@ -465,36 +486,39 @@ impl Call<'_> {
                 ));
             }
         }
-        let named = !outcome.vm_id.is_empty();
-        let mut task = self
+        let task = self
             .app
             .rpc_tasks
             .spawn(handler(self.app.service.clone(), caller.clone(), request).in_current_span());
+        // A VM whose id the server made could only be found by listing if its caller never
+        // receives the answer (deadline passed, client gone): it is removed again once made,
+        // so a retry starts clean. A VM the caller named finishes, so a retry finds it.
+        let mut answer = Unanswered {
+            task: Some(task),
+            undo: (Resp::REVEALS && outcome.vm_id.is_empty())
+                .then(|| (self.app.service.clone(), caller, self.app.rpc_tasks.clone())),
+        };
+        let Some(task) = answer.task.as_mut() else {
+            return Err(RpcError::new(
+                Code::Internal,
+                "internal error; see the metald log",
+            ));
+        };
         let joined = match deadline {
-            Some((at, d)) => match tokio::time::timeout_at(at.into(), &mut task).await {
+            Some((at, d)) => match tokio::time::timeout_at(at.into(), task).await {
                 Ok(joined) => joined,
-                // A VM whose id the server made and the caller never received could only
-                // be found by listing: it is removed again once made, and a retry starts
-                // clean. A VM the caller named finishes, so a retry finds it.
-                Err(_) if !named => {
-                    let service = self.app.service.clone();
-                    self.app
-                        .rpc_tasks
-                        .spawn(undo_unseen_vm(service, caller, task).in_current_span());
-                    return Err(deadline_passed(
-                        d,
-                        "while the operation ran; the VM it was making is removed again, as its id never reached you",
-                    ));
-                }
                 Err(_) => {
-                    return Err(deadline_passed(
-                        d,
-                        "while the operation ran; it continues in the background",
-                    ))
+                    let what = if answer.undo.is_some() {
+                        "while the operation ran; the VM it was making is removed again, as its id never reached you"
+                    } else {
+                        "while the operation ran; it continues in the background"
+                    };
+                    return Err(deadline_passed(d, what));
                 }
             },
             None => task.await,
         };
+        answer.task = None;
         match joined {
             Ok(result) => result.map_err(RpcError::from),
             Err(join) => {

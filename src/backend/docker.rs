@@ -40,6 +40,15 @@ const REQUEST_TIMEOUT_SECS: u64 = 120;
 /// range; Docker picks the next port on a retry, so a few tries almost always succeed.
 const START_TRIES: usize = 3;
 
+/// Containers as listed and inspected.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub views: Vec<ContainerView>,
+    /// The labels (from the listing) of containers that could not be inspected, though the
+    /// engine answered: logged and passed over.
+    pub unreadable: Vec<HashMap<String, String>>,
+}
+
 /// The Docker Engine, through bollard.
 #[derive(Clone)]
 pub struct DockerBackend {
@@ -365,9 +374,8 @@ impl DockerBackend {
         Ok(stats_of(reading))
     }
 
-    /// Every container that claims to be a VM made by metald (any scope), inspected, and how
-    /// many of them could not be inspected (logged; the engine answered, but not for them).
-    pub async fn list_vm_containers(&self) -> Result<(Vec<ContainerView>, usize), Error> {
+    /// Every container that claims to be a VM made by metald (any scope), inspected.
+    pub async fn list_vm_containers(&self) -> Result<Listing, Error> {
         let filter = format!("{}={}", labels::CREATED_BY, labels::CREATED_BY_VALUE);
         self.list_inspected(HashMap::from([("label".to_owned(), vec![filter])]))
             .await
@@ -375,12 +383,13 @@ impl DockerBackend {
 
     /// Every container whose name starts with `prefix`, inspected.
     pub async fn list_named(&self, prefix: &str) -> Result<Vec<ContainerView>, Error> {
-        let (views, _unreadable) = self
+        let views = self
             .list_inspected(HashMap::from([(
                 "name".to_owned(),
                 vec![prefix.to_owned()],
             )]))
-            .await?;
+            .await?
+            .views;
         // Docker's name filter matches anywhere in the name: keep true prefixes only.
         Ok(views
             .into_iter()
@@ -391,7 +400,7 @@ impl DockerBackend {
     async fn list_inspected(
         &self,
         filters: HashMap<String, Vec<String>>,
-    ) -> Result<(Vec<ContainerView>, usize), Error> {
+    ) -> Result<Listing, Error> {
         let options = ListContainersOptions {
             all: true,
             filters: Some(filters),
@@ -402,29 +411,33 @@ impl DockerBackend {
             .list_containers(Some(options))
             .await
             .map_err(|e| Error::new("list containers", "", &e))?;
-        let ids: Vec<String> = summaries.into_iter().filter_map(|s| s.id).collect();
+        let listed: Vec<(String, HashMap<String, String>)> = summaries
+            .into_iter()
+            .filter_map(|s| Some((s.id?, s.labels.unwrap_or_default())))
+            .collect();
         // Inspections are independent; a handful at a time keeps startup quick on big hosts
         // without flooding the engine.
-        let views: Vec<Result<ContainerView, Error>> = futures::stream::iter(ids)
-            .map(|id| async move { self.inspect(&id).await })
+        let views: Vec<_> = futures::stream::iter(listed)
+            .map(|(id, labels)| async move { (self.inspect(&id).await, labels) })
             .buffer_unordered(8)
             .collect()
             .await;
-        let mut out = Vec::with_capacity(views.len());
-        let mut unreadable = 0;
-        for v in views {
-            match v {
-                Ok(v) => out.push(v),
+        let mut listing = Listing::default();
+        for (view, labels) in views {
+            match view {
+                Ok(v) => listing.views.push(v),
                 // Removed between list and inspect: simply not there any more.
                 Err(e) if e.is_not_found() => {}
-                Err(e) if e.is_unavailable() => return Err(e),
+                // One container can hang an inspect until it times out: the engine is only
+                // gone if it does not answer a ping either.
+                Err(e) if e.is_unavailable() && self.ping().await.is_err() => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not inspect a VM container; passing over it");
-                    unreadable += 1;
+                    listing.unreadable.push(labels);
                 }
             }
         }
-        Ok((out, unreadable))
+        Ok(listing)
     }
 
     /// Whether the engine has a network of that name (or id).

@@ -55,7 +55,13 @@ pub struct VmService {
     usage: Arc<UsageBoard>,
     /// Takes the last sample before a VM stops.
     billing: Option<Arc<Billing>>,
+    /// Creates of caller-named VMs hold the stripe of their id, so a retry waits for the
+    /// attempt still in flight instead of adopting a container that attempt may remove.
+    create_stripes: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// How many create stripes: two different ids share one rarely, and then only wait.
+const CREATE_STRIPES: usize = 64;
 
 /// What the service is built from; the index, usage board and readiness flag are shared
 /// with billing.
@@ -77,7 +83,17 @@ impl VmService {
             docker_up: parts.docker_up,
             usage: parts.usage,
             billing: parts.billing,
+            create_stripes: (0..CREATE_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
+    }
+
+    fn create_stripe(&self, vm_id: &VmId) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        vm_id.hash(&mut hasher);
+        &self.create_stripes[(hasher.finish() as usize) % CREATE_STRIPES]
     }
 
     /// A service with its own index and no billing (tests, tools).
@@ -138,14 +154,21 @@ impl VmService {
             )));
         }
         let spec = validate::vm_spec(req.config.as_ref(), self.backend.engine().ncpu)?;
-        let vm_id = if req.vm_id.is_empty() {
-            VmId::generate()
-        } else {
+        let named = !req.vm_id.is_empty();
+        let vm_id = if named {
             VmId::parse(&req.vm_id).map_err(|why| Error::InvalidArgument(format!("vm_id {why}")))?
+        } else {
+            VmId::generate()
         };
         let config = req.config.unwrap_or_default();
         let config_bytes = config.encode_to_vec();
         self.require_docker()?;
+        // A made-up id is unique; a caller's id may be retried while its first try runs.
+        let _one_create_per_id = if named {
+            Some(self.create_stripe(&vm_id).lock().await)
+        } else {
+            None
+        };
 
         if let Some(slot) = self.index.get(&vm_id) {
             return same_vm(slot.snapshot(), caller, &config_bytes);
@@ -191,17 +214,9 @@ impl VmService {
             }
             Err(e) => {
                 // A timeout or a dropped connection says nothing of whether the engine made
-                // the container: remove it by name, so a failed create leaves no VM behind.
+                // the container: remove it, so a failed create leaves no VM behind.
                 if e.is_unavailable() {
-                    match self.backend.remove(&container.name, true).await {
-                        Ok(()) => {
-                            tracing::info!(vm_id = %vm_id, "removed the container of a create that failed midway")
-                        }
-                        Err(r) if r.is_not_found() => {}
-                        Err(r) => {
-                            tracing::warn!(vm_id = %vm_id, error = %r, "could not remove the container of a failed create; the next re-list finds it")
-                        }
-                    }
+                    self.remove_if_made_by(&container).await;
                 }
                 return Err(Error::from_backend(vm_id.as_str(), e));
             }
@@ -217,6 +232,33 @@ impl VmService {
                     tracing::warn!(vm_id = %vm_id, error = %cleanup, "could not remove container after failed create");
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// Removes the container named for `attempt` if this very attempt made it (its creation
+    /// time label says so): a retry of the same create may have found and returned it.
+    async fn remove_if_made_by(&self, attempt: &ContainerSpec) {
+        let vm_id = &attempt.labels.vm_id;
+        let ours = match self.backend.inspect(&attempt.name).await {
+            Ok(view) => backend::docker::vm_labels(&view)
+                .is_ok_and(|l| l.created_at_nanos == attempt.labels.created_at_nanos)
+                .then_some(view.id),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => {
+                tracing::warn!(vm_id, error = %e, "could not check for the container of a failed create; the next re-list finds it");
+                None
+            }
+        };
+        let Some(container_id) = ours else { return };
+        match self.backend.remove(&container_id, true).await {
+            Ok(()) => tracing::info!(
+                vm_id,
+                "removed the container of a create that failed midway"
+            ),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                tracing::warn!(vm_id, error = %e, "could not remove the container of a failed create; the next re-list finds it")
             }
         }
     }

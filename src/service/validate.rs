@@ -199,9 +199,14 @@ fn is_path_component(part: &str) -> bool {
 }
 
 fn is_registry(registry: &str) -> bool {
-    let (host, port) = match registry.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(':') => (host, Some(port)),
-        _ => (registry, None),
+    // An IPv6 host is bracketed and full of colons: the port, if any, follows the bracket.
+    let port_at = match registry.rfind(']') {
+        Some(end) => registry[end..].find(':').map(|i| end + i),
+        None => registry.rfind(':'),
+    };
+    let (host, port) = match port_at {
+        Some(i) => (&registry[..i], Some(&registry[i + 1..])),
+        None => (registry, None),
     };
     if port.is_some_and(|p| p.is_empty() || p.len() > 5 || !p.bytes().all(|c| c.is_ascii_digit())) {
         return false;
@@ -441,6 +446,7 @@ mod tests {
             "127.0.0.1:1/nope:latest",
             "Registry.Example:443/team/app_one__two--three:TAG_1.x",
             "[::1]:5000/app",
+            "[2001:db8:1::1:2]/app",
             digest.as_str(),
         ] {
             assert!(is_image_reference(good), "{good}");

@@ -141,7 +141,7 @@ async fn resync(service: &Arc<VmService>) -> Result<(), backend::Error> {
             "removing leftover container of an interrupted create"
         );
         if let Err(e) = backend.remove(&zombie.id, true).await {
-            if e.is_unavailable() {
+            if e.is_unavailable() && backend.ping().await.is_err() {
                 return Err(e);
             }
             if !e.is_not_found() {
@@ -150,8 +150,8 @@ async fn resync(service: &Arc<VmService>) -> Result<(), backend::Error> {
         }
     }
     let mut seen = HashSet::new();
-    let (views, unreadable) = backend.list_vm_containers().await?;
-    for view in views {
+    let listing = backend.list_vm_containers().await?;
+    for view in listing.views {
         let id = view.id.clone();
         match service.snapshot_of(view) {
             Ok(snapshot) => {
@@ -167,8 +167,14 @@ async fn resync(service: &Arc<VmService>) -> Result<(), backend::Error> {
             Err(why) => tracing::debug!(container_id = id, reason = why, "not a VM of this scope"),
         }
     }
-    if unreadable > 0 {
-        // Some container could not be inspected: do not conclude that any VM is gone.
+    let ours = |labels: &std::collections::HashMap<String, String>| {
+        labels
+            .get(labels::SCOPE)
+            .map_or(labels::DEFAULT_SCOPE, String::as_str)
+            == service.scope()
+    };
+    if listing.unreadable.iter().any(ours) {
+        // A container of ours could not be inspected: do not conclude that any VM is gone.
         return Ok(());
     }
     // Gone while we were not looking; refresh confirms under the lock before removing.

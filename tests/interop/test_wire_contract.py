@@ -16,7 +16,8 @@ check cannot pass silently.
 None of these tests use the metald fixtures in conftest.py: no server, Docker or stubs needed.
 
 Environment knobs:
-  WIRE_SPEC  path to wire.md (default: <repo>/../shared/spec/wire.md; skipped when absent)
+  WIRE_SPEC  path to wire.md (default: <repo>/../shared/spec/wire.md, else the copy kept
+             beside this file)
 """
 
 from __future__ import annotations
@@ -404,15 +405,33 @@ def structural_diff(buf: str, project: Path, spec: Path, workdir: Path) -> list[
 # --------------------------------------------------------------------------------------------
 
 
+# The shared spec, where it is checked out beside the clone; else the copy kept in the repo
+# (tests/interop/wire.md), so a clone on its own still checks the contract. When both are
+# there, test_the_kept_copy_is_the_spec makes sure they have not drifted apart.
+SHARED_WIRE_SPEC = REPO_ROOT.parent / "shared" / "spec" / "wire.md"
+KEPT_WIRE_SPEC = Path(__file__).with_name("wire.md")
+
+
+def wire_spec_path() -> Path:
+    if os.environ.get("WIRE_SPEC"):
+        return Path(os.environ["WIRE_SPEC"])
+    return SHARED_WIRE_SPEC if SHARED_WIRE_SPEC.is_file() else KEPT_WIRE_SPEC
+
+
 @pytest.fixture(scope="module")
 def wire_packages() -> list[Package]:
-    spec_path = Path(os.environ.get("WIRE_SPEC") or REPO_ROOT.parent / "shared" / "spec" / "wire.md")
+    spec_path = wire_spec_path()
     if not spec_path.is_file():
-        pytest.skip(
-            f"wire contract not found at {spec_path} (CI checks it out beside the clone; "
-            "set WIRE_SPEC to its path to run this check)"
-        )
+        pytest.fail(f"wire contract not found at {spec_path}")
     return parse_wire_md(spec_path.read_text())
+
+
+def test_the_kept_copy_is_the_spec():
+    if not SHARED_WIRE_SPEC.is_file():
+        pytest.skip(f"no shared spec at {SHARED_WIRE_SPEC} to compare the kept copy with")
+    assert KEPT_WIRE_SPEC.read_text() == SHARED_WIRE_SPEC.read_text(), (
+        f"{KEPT_WIRE_SPEC} differs from {SHARED_WIRE_SPEC}: copy the spec again and update proto/"
+    )
 
 
 @pytest.fixture(scope="module")

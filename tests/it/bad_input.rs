@@ -418,7 +418,7 @@ async fn bodies_content_types_sizes_methods() {
             "the unseen VM was made and removed",
             || async {
                 m.log_text()
-                    .contains("removed a vm made after its caller's deadline")
+                    .contains("removed a vm whose id never reached its caller")
             },
         )
         .await;
@@ -442,6 +442,43 @@ async fn bodies_content_types_sizes_methods() {
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let left = c.list().await.unwrap().vms.len();
     assert!(left <= 1, "{left} VMs left");
+}
+
+/// A client that goes away before its CreateVm (no vm_id) is answered never learns the id:
+/// the VM is made, then removed again, instead of staying as an orphan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_caller_left_leaves_no_vm() {
+    use tokio::io::AsyncWriteExt as _;
+    let m = Metald::start("callerleft").await;
+    let body = pb::CreateVmRequest {
+        config: Some(small_config()),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let head = format!(
+        "POST {PATH}/CreateVm HTTP/1.1\r\nhost: x\r\nauthorization: Bearer dev_user_alice\r\n\
+         x-tenant-id: t1\r\ncontent-type: application/proto\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", m.port))
+        .await
+        .unwrap();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body).await.unwrap();
+    // Gone before Docker is done.
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    drop(tcp);
+    eventually(
+        std::time::Duration::from_secs(20),
+        "the VM was made and removed again",
+        || async {
+            m.log_text()
+                .contains("removed a vm whose id never reached its caller")
+        },
+    )
+    .await;
+    assert!(m.client("alice").list().await.unwrap().vms.is_empty());
+    assert!(scope_containers(&m.scope).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -541,25 +578,44 @@ async fn each_create_rule_names_its_field() {
     );
 }
 
-/// A request head that never completes is dropped after the header read timeout, so
-/// stalled clients cannot pile up connections.
+/// Stalled clients cannot pile up connections: one that sends nothing, or stops inside the
+/// HTTP/2 preface, is dropped after the first-bytes timeout; one that stops inside an
+/// HTTP/1.1 request head, after the header read timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_request_heads_are_dropped() {
+async fn stalled_clients_are_dropped() {
+    use metald::listener::{FIRST_BYTES_TIMEOUT, HEADER_READ_TIMEOUT};
     let m = Metald::start("stalled").await;
-    let started = std::time::Instant::now();
-    let got = raw_exchange(
-        m.port,
-        format!("POST {PATH}/ListVms HTTP/1.1\r\nhost: x\r\n").as_bytes(),
-        metald::listener::HEADER_READ_TIMEOUT + std::time::Duration::from_secs(15),
-    )
-    .await;
-    let waited = started.elapsed();
-    assert!(
-        waited < metald::listener::HEADER_READ_TIMEOUT + std::time::Duration::from_secs(10),
-        "the connection was still open after {waited:?}"
-    );
-    assert!(
-        waited >= metald::listener::HEADER_READ_TIMEOUT - std::time::Duration::from_secs(1),
-        "closed after {waited:?}, before the timeout: {got:?}"
-    );
+    let slack = std::time::Duration::from_secs(10);
+    let head = format!("POST {PATH}/ListVms HTTP/1.1\r\nhost: x\r\n");
+    let cases: [(&str, &[u8], std::time::Duration); 3] = [
+        ("nothing", b"", FIRST_BYTES_TIMEOUT),
+        (
+            "part of the HTTP/2 preface",
+            b"PRI * HT",
+            FIRST_BYTES_TIMEOUT,
+        ),
+        (
+            "part of a request head",
+            head.as_bytes(),
+            HEADER_READ_TIMEOUT,
+        ),
+    ];
+    let port = m.port;
+    let runs = cases.map(|(what, bytes, limit)| async move {
+        let started = std::time::Instant::now();
+        let got = raw_exchange(port, bytes, limit + slack).await;
+        (what, limit, started.elapsed(), got)
+    });
+    let [a, b, c] = runs;
+    let (a, b, c) = tokio::join!(a, b, c);
+    for (what, limit, waited, got) in [a, b, c] {
+        assert!(
+            waited < limit + slack,
+            "{what}: the connection was still open after {waited:?}"
+        );
+        assert!(
+            waited + std::time::Duration::from_secs(1) >= limit,
+            "{what}: closed after {waited:?}, before {limit:?}: {got:?}"
+        );
+    }
 }
