@@ -40,6 +40,23 @@ fn code(v: &serde_json::Value) -> &str {
     v["code"].as_str().unwrap_or("<none>")
 }
 
+/// CreateVm (binary proto) for `vm_id` ("" = let the server make one) with a
+/// `Connect-Timeout-Ms` of `timeout_ms`.
+async fn create_within(m: &Metald, vm_id: &str, timeout_ms: &str) -> (u16, serde_json::Value) {
+    let create = pb::CreateVmRequest {
+        vm_id: vm_id.into(),
+        config: Some(small_config()),
+        ..Default::default()
+    };
+    raw(
+        m,
+        "CreateVm",
+        &[AUTH, TENANT, PROTO, ("connect-timeout-ms", timeout_ms)],
+        create.encode_to_vec(),
+    )
+    .await
+}
+
 /// Writes `request` on a fresh connection and returns what comes back until the server
 /// closes it or `wait` passes.
 async fn raw_exchange(port: u16, request: &[u8], wait: std::time::Duration) -> String {
@@ -348,18 +365,7 @@ async fn bodies_content_types_sizes_methods() {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     // A deadline already passed when the request is read starts nothing.
-    let create = pb::CreateVmRequest {
-        vm_id: "deadline-zero".into(),
-        config: Some(small_config()),
-        ..Default::default()
-    };
-    let (s, b) = raw(
-        &m,
-        "CreateVm",
-        &[AUTH, TENANT, PROTO, ("connect-timeout-ms", "0")],
-        create.encode_to_vec(),
-    )
-    .await;
+    let (s, b) = create_within(&m, "deadline-zero", "0").await;
     assert_eq!((s, code(&b)), (504, "deadline_exceeded"), "{b}");
     assert!(
         b["message"].as_str().unwrap().contains("nothing was done"),
@@ -368,18 +374,7 @@ async fn bodies_content_types_sizes_methods() {
     // The deadline passes while Docker works: deadline_exceeded; the VM is still made whole.
     // 5 ms is well under a Docker create and over the reading of a local request; on a
     // machine so loaded that reading took longer, the answer says nothing was started.
-    let create = pb::CreateVmRequest {
-        vm_id: "deadline-vm".into(),
-        config: Some(small_config()),
-        ..Default::default()
-    };
-    let (s, b) = raw(
-        &m,
-        "CreateVm",
-        &[AUTH, TENANT, PROTO, ("connect-timeout-ms", "5")],
-        create.encode_to_vec(),
-    )
-    .await;
+    let (s, b) = create_within(&m, "deadline-vm", "5").await;
     assert_eq!((s, code(&b)), (504, "deadline_exceeded"), "{b}");
     let c = m.client("alice");
     let e = c.info("deadline-zero").await.unwrap_err();
@@ -400,17 +395,7 @@ async fn bodies_content_types_sizes_methods() {
     }
     // Without a vm_id the caller cannot learn the id of a VM made after its deadline: that
     // VM is removed again, so a retry does not leave an orphan behind.
-    let create = pb::CreateVmRequest {
-        config: Some(small_config()),
-        ..Default::default()
-    };
-    let (s, b) = raw(
-        &m,
-        "CreateVm",
-        &[AUTH, TENANT, PROTO, ("connect-timeout-ms", "5")],
-        create.encode_to_vec(),
-    )
-    .await;
+    let (s, b) = create_within(&m, "", "5").await;
     assert_eq!((s, code(&b)), (504, "deadline_exceeded"), "{b}");
     if b["message"].as_str().unwrap().contains("removed again") {
         eventually(
