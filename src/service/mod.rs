@@ -163,12 +163,6 @@ impl VmService {
         let config = req.config.unwrap_or_default();
         let config_bytes = config.encode_to_vec();
         self.require_docker()?;
-        // A made-up id is unique; a caller's id may be retried while its first try runs.
-        let _one_create_per_id = if named {
-            Some(self.create_stripe(&vm_id).lock().await)
-        } else {
-            None
-        };
 
         if let Some(slot) = self.index.get(&vm_id) {
             return same_vm(slot.snapshot(), caller, &config_bytes);
@@ -177,6 +171,16 @@ impl VmService {
             .ensure_image(&spec.image)
             .await
             .map_err(|e| image_error(&spec.image, e))?;
+        // A made-up id is unique; a caller's id may be retried while its first try runs.
+        // Held from here (not over the pull, which may take minutes and concerns no name).
+        let _one_create_per_id = if named {
+            Some(self.create_stripe(&vm_id).lock().await)
+        } else {
+            None
+        };
+        if let Some(slot) = self.index.get(&vm_id) {
+            return same_vm(slot.snapshot(), caller, &config_bytes);
+        }
 
         let now = SystemTime::now();
         let labels = VmLabels {
