@@ -419,15 +419,16 @@ impl Parser<'_> {
                 format!("{log_level:?} is not a level or RUST_LOG directive: {e}"),
             );
         }
-        // RUST_LOG reads a lone bare word as a target name, so a misspelt level ("warnig")
-        // would silently log nothing: a value of one word must be a level. (Among several
-        // directives, a bare word is the target it names, as RUST_LOG has it.)
-        let word = log_level.trim();
-        if !word.contains([',', '=', '['])
-            && word
-                .parse::<tracing_subscriber::filter::LevelFilter>()
-                .is_err()
-        {
+        // RUST_LOG reads a bare word as a target name, so a misspelt level ("warnig", or
+        // "warnig,hyper=off") would silently log nothing: a bare word must be a level, a
+        // path (`a::b`) or this crate; any other target is written `target=level`.
+        if let Some(word) = log_level.split(',').map(str::trim).find(|d| {
+            !d.is_empty()
+                && !d.contains(['=', '[', ':'])
+                && *d != "metald"
+                && d.parse::<tracing_subscriber::filter::LevelFilter>()
+                    .is_err()
+        }) {
             return self.fail(
                 "log_level",
                 format!(
@@ -599,7 +600,12 @@ mod tests {
         );
         assert!(err(&[("UNKEY_METALD_TLS_MODE", "mtls")]).starts_with("UNKEY_METALD_TLS_MODE:"));
         assert!(err(&[("UNKEY_METALD_LOG_LEVEL", "info,[")]).starts_with("UNKEY_METALD_LOG_LEVEL:"));
-        assert!(err(&[("UNKEY_METALD_LOG_LEVEL", "warnig")]).contains("is not a level"));
+        for bad in ["warnig", "warnig,hyper=off", "info,hyper"] {
+            assert!(
+                err(&[("UNKEY_METALD_LOG_LEVEL", bad)]).contains("is not a level"),
+                "{bad}"
+            );
+        }
         for ok in [
             "WARN",
             "info,metald::billing=debug",

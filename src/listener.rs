@@ -85,13 +85,22 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
+            // Until hyper has the connection, a stop ends it here: a client that has not
+            // shown its first request yet does not hold the drain up.
             let result = match acceptor {
-                None => serve_on(&builder, tcp, service, watcher).await,
-                Some(acceptor) => match handshake(&acceptor, tcp, peer).await {
-                    Some(tls) => serve_on(&builder, tls, service, watcher).await,
-                    None => return,
-                },
+                None => serve_on(&builder, tcp, service, watcher, &stop).await,
+                Some(acceptor) => {
+                    let tls = tokio::select! {
+                        tls = handshake(&acceptor, tcp, peer) => tls,
+                        () = stop.cancelled() => None,
+                    };
+                    match tls {
+                        Some(tls) => serve_on(&builder, tls, service, watcher, &stop).await,
+                        None => return,
+                    }
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -128,13 +137,17 @@ async fn serve_on<I>(
     mut io: I,
     service: TowerToHyperService<Router>,
     watcher: hyper_util::server::graceful::Watcher,
+    stop: &CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let first = match tokio::time::timeout(FIRST_BYTES_TIMEOUT, first_bytes(&mut io)).await {
-        Ok(read) => read?,
-        Err(_) => return Err("no request within the first-bytes timeout".into()),
+    let first = tokio::select! {
+        read = tokio::time::timeout(FIRST_BYTES_TIMEOUT, first_bytes(&mut io)) => match read {
+            Ok(read) => read?,
+            Err(_) => return Err("no request within the first-bytes timeout".into()),
+        },
+        () = stop.cancelled() => return Ok(()),
     };
     let io = Prefixed {
         prefix: first,

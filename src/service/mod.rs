@@ -6,6 +6,7 @@ pub mod error;
 pub mod validate;
 pub mod watch;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -55,13 +56,34 @@ pub struct VmService {
     usage: Arc<UsageBoard>,
     /// Takes the last sample before a VM stops.
     billing: Option<Arc<Billing>>,
-    /// Creates of caller-named VMs hold the stripe of their id, so a retry waits for the
-    /// attempt still in flight instead of adopting a container that attempt may remove.
-    create_stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Creates of caller-named VMs take their id's turn, so a retry waits for the attempt
+    /// still in flight instead of adopting a container that attempt may remove. One lock
+    /// per id in flight: different ids never wait on each other.
+    creating: std::sync::Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// How many create stripes: two different ids share one rarely, and then only wait.
-const CREATE_STRIPES: usize = 64;
+/// A create's exclusive turn on its vm_id; the id's lock goes when nobody else waits on it.
+struct CreateTurn<'a> {
+    creating: &'a std::sync::Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    id: VmId,
+    _turn: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for CreateTurn<'_> {
+    fn drop(&mut self) {
+        let mut map = match self.creating.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        // The map's reference and the one in our guard: no one else is waiting.
+        if map
+            .get(&self.id)
+            .is_some_and(|lock| Arc::strong_count(lock) <= 2)
+        {
+            map.remove(&self.id);
+        }
+    }
+}
 
 /// What the service is built from; the index, usage board and readiness flag are shared
 /// with billing.
@@ -83,17 +105,24 @@ impl VmService {
             docker_up: parts.docker_up,
             usage: parts.usage,
             billing: parts.billing,
-            create_stripes: (0..CREATE_STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
+            creating: std::sync::Mutex::default(),
         }
     }
 
-    fn create_stripe(&self, vm_id: &VmId) -> &tokio::sync::Mutex<()> {
-        use std::hash::{Hash as _, Hasher as _};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        vm_id.hash(&mut hasher);
-        &self.create_stripes[(hasher.finish() as usize) % CREATE_STRIPES]
+    /// Waits for `vm_id`'s turn to be created (see `creating`).
+    async fn create_turn(&self, vm_id: &VmId) -> CreateTurn<'_> {
+        let lock = {
+            let mut map = match self.creating.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            map.entry(vm_id.clone()).or_default().clone()
+        };
+        CreateTurn {
+            creating: &self.creating,
+            id: vm_id.clone(),
+            _turn: lock.lock_owned().await,
+        }
     }
 
     /// A service with its own index and no billing (tests, tools).
@@ -174,7 +203,7 @@ impl VmService {
         // A made-up id is unique; a caller's id may be retried while its first try runs.
         // Held from here (not over the pull, which may take minutes and concerns no name).
         let _one_create_per_id = if named {
-            Some(self.create_stripe(&vm_id).lock().await)
+            Some(self.create_turn(&vm_id).await)
         } else {
             None
         };
@@ -220,7 +249,7 @@ impl VmService {
                 // A timeout or a dropped connection says nothing of whether the engine made
                 // the container: remove it, so a failed create leaves no VM behind.
                 if e.is_unavailable() {
-                    self.remove_if_made_by(&container).await;
+                    self.remove_if_made_by(&vm_id, &container).await;
                 }
                 return Err(Error::from_backend(vm_id.as_str(), e));
             }
@@ -232,9 +261,7 @@ impl VmService {
             }
             Err(e) => {
                 // Never leave a VM the caller was told failed.
-                if let Err(cleanup) = self.backend.remove(&container_id, true).await {
-                    tracing::warn!(vm_id = %vm_id, error = %cleanup, "could not remove container after failed create");
-                }
+                self.remove_failed_create(&vm_id, &container_id).await;
                 Err(e)
             }
         }
@@ -242,8 +269,8 @@ impl VmService {
 
     /// Removes the container named for `attempt` if this very attempt made it (its creation
     /// time label says so): a retry of the same create may have found and returned it.
-    async fn remove_if_made_by(&self, attempt: &ContainerSpec) {
-        let vm_id = &attempt.labels.vm_id;
+    async fn remove_if_made_by(&self, id: &VmId, attempt: &ContainerSpec) {
+        let vm_id = id.as_str();
         let ours = match self.backend.inspect(&attempt.name).await {
             Ok(view) => backend::docker::vm_labels(&view)
                 .is_ok_and(|l| l.created_at_nanos == attempt.labels.created_at_nanos)
@@ -255,14 +282,22 @@ impl VmService {
             }
         };
         let Some(container_id) = ours else { return };
-        match self.backend.remove(&container_id, true).await {
-            Ok(()) => tracing::info!(
-                vm_id,
-                "removed the container of a create that failed midway"
-            ),
-            Err(e) if e.is_not_found() => {}
+        self.remove_failed_create(id, &container_id).await;
+    }
+
+    /// Removes a container whose create failed, and its index entry (its create event may
+    /// have put it there already).
+    async fn remove_failed_create(&self, id: &VmId, container_id: &str) {
+        match self.backend.remove(container_id, true).await {
+            Ok(()) => {
+                self.index.remove(id, Some(container_id));
+                tracing::info!(vm_id = %id, "removed the container of a create that failed midway");
+            }
+            Err(e) if e.is_not_found() => {
+                self.index.remove(id, Some(container_id));
+            }
             Err(e) => {
-                tracing::warn!(vm_id, error = %e, "could not remove the container of a failed create; the next re-list finds it")
+                tracing::warn!(vm_id = %id, error = %e, "could not remove the container of a failed create; the next re-list finds it")
             }
         }
     }

@@ -142,3 +142,21 @@ async fn leftovers_of_interrupted_creates_are_removed_at_start() {
     docker(&["rm", "-f", &other, &neighbour]);
     let _ = pb::VmState::Created;
 }
+
+/// A connection that has not sent its first request yet does not hold SIGTERM's drain up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_is_not_held_by_a_silent_connection() {
+    let mut m = Metald::start("silentconn").await;
+    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", m.port))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let status = m.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exit took {:?}",
+        started.elapsed()
+    );
+}
