@@ -537,3 +537,44 @@ fn image_error(image: &str, e: backend::Error) -> Error {
         other => Error::FailedPrecondition(format!("image {image} cannot be had: {other}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::backend::docker::DockerSettings;
+
+    fn service() -> VmService {
+        // No engine is contacted: the socket need not exist.
+        let backend = DockerBackend::new(DockerSettings {
+            host: "unix:///nonexistent/docker.sock".into(),
+            network: "bridge".into(),
+            port_host_ip: "127.0.0.1".into(),
+            port_range: (30000, 40000),
+            pull_timeout: Duration::from_secs(1),
+        })
+        .expect("backend");
+        VmService::standalone(backend, "unit")
+    }
+
+    #[tokio::test]
+    async fn create_turns_serialise_one_id_only_and_leave_nothing_behind() {
+        let svc = service();
+        let a = VmId::parse("a").unwrap();
+        let b = VmId::parse("b").unwrap();
+        let first = svc.create_turn(&a).await;
+        // Another id goes at once.
+        let other = tokio::time::timeout(Duration::from_millis(100), svc.create_turn(&b)).await;
+        assert!(other.is_ok(), "a different id waited");
+        drop(other);
+        // The same id waits for the first turn.
+        let waiting = tokio::time::timeout(Duration::from_millis(100), svc.create_turn(&a)).await;
+        assert!(waiting.is_err(), "the same id did not wait");
+        drop(first);
+        let again = tokio::time::timeout(Duration::from_millis(100), svc.create_turn(&a)).await;
+        assert!(again.is_ok());
+        drop(again);
+        assert!(svc.creating.lock().unwrap().is_empty());
+    }
+}
