@@ -163,7 +163,7 @@ async fn first_bytes<I: AsyncRead + Unpin>(io: &mut I) -> std::io::Result<Vec<u8
     use tokio::io::AsyncReadExt as _;
     let mut first = Vec::with_capacity(H2_PREFACE.len());
     loop {
-        let mut chunk = [0u8; 24];
+        let mut chunk = [0u8; H2_PREFACE.len()];
         let want = H2_PREFACE.len() - first.len();
         let n = io.read(&mut chunk[..want]).await?;
         if n == 0 {

@@ -146,13 +146,8 @@ async fn method_not_allowed(request: Request) -> Response {
 async fn rpc(State(app): State<AppState>, request: Request) -> Response {
     // The segment as sent, not percent-decoded: a method is named by its plain name only,
     // and a segment that does not decode is just another unknown method.
-    let segment = request
-        .uri()
-        .path()
-        .rsplit_once('/')
-        .map_or("", |(_, last)| last)
-        .to_owned();
-    let method = Method::parse(&segment);
+    let segment = request.uri().path().rsplit('/').next().unwrap_or_default();
+    let method = Method::parse(segment);
     // Only the nine names become span names: a path is the caller's to choose.
     let name = method.map_or("unknown", Method::name);
     let span = tracing::info_span!(
@@ -166,22 +161,19 @@ async fn rpc(State(app): State<AppState>, request: Request) -> Response {
         rpc.connect_rpc.error_code = tracing::field::Empty,
     );
     crate::telemetry::continue_trace(&span, request.headers());
-    dispatch(app, method, &segment, request)
-        .instrument(span)
-        .await
+    dispatch(app, method, request).instrument(span).await
 }
 
 /// The checks on headers and path alone: the protocol, and that the method exists.
 fn preflight(
-    headers: &http::HeaderMap,
+    parts: &http::request::Parts,
     method: Option<Method>,
-    segment: &str,
 ) -> Result<(Rpc, Method), Box<Response>> {
-    let rpc = connect::negotiate(headers)?;
+    let rpc = connect::negotiate(&parts.headers)?;
     let Some(method) = method else {
         let err = RpcError::new(
             Code::Unimplemented,
-            format!("/{SERVICE}/{segment} is not a VmService method"),
+            format!("{} is not a VmService method", parts.uri.path()),
         );
         let mut response = connect::error_response(&rpc, &err);
         if rpc.protocol == connect::Protocol::Connect {
@@ -192,15 +184,10 @@ fn preflight(
     Ok((rpc, method))
 }
 
-async fn dispatch(
-    app: AppState,
-    method: Option<Method>,
-    segment: &str,
-    request: Request,
-) -> Response {
+async fn dispatch(app: AppState, method: Option<Method>, request: Request) -> Response {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
-    let (rpc, method) = match preflight(&parts.headers, method, segment) {
+    let (rpc, method) = match preflight(&parts, method) {
         Ok(checked) => checked,
         Err(response) => {
             connect::discard_body(body).await;
@@ -267,6 +254,23 @@ async fn dispatch(
 struct Unanswered<Resp: RevealsVm + Send + 'static> {
     task: Option<tokio::task::JoinHandle<Result<Resp, service::Error>>>,
     undo: Option<(Arc<VmService>, Caller, TaskTracker)>,
+}
+
+impl<Resp: RevealsVm + Send + 'static> Unanswered<Resp> {
+    /// The call's result, once it is in (by `until`, if given); `None` when `until` came
+    /// first. A result taken here counts as answered: nothing is undone after it.
+    async fn wait(
+        &mut self,
+        until: Option<Instant>,
+    ) -> Option<Result<Result<Resp, service::Error>, tokio::task::JoinError>> {
+        let task = self.task.as_mut()?;
+        let joined = match until {
+            Some(at) => tokio::time::timeout_at(at.into(), task).await.ok()?,
+            None => task.await,
+        };
+        self.task = None;
+        Some(joined)
+    }
 }
 
 impl<Resp: RevealsVm + Send + 'static> Drop for Unanswered<Resp> {
@@ -486,39 +490,32 @@ impl Call<'_> {
                 ));
             }
         }
-        let task = self
-            .app
-            .rpc_tasks
-            .spawn(handler(self.app.service.clone(), caller.clone(), request).in_current_span());
         // A VM whose id the server made could only be found by listing if its caller never
         // receives the answer (deadline passed, client gone): it is removed again once made,
         // so a retry starts clean. A VM the caller named finishes, so a retry finds it.
+        let undo = (Resp::REVEALS && outcome.vm_id.is_empty()).then(|| {
+            let app = self.app;
+            (app.service.clone(), caller.clone(), app.rpc_tasks.clone())
+        });
+        let task = self
+            .app
+            .rpc_tasks
+            .spawn(handler(self.app.service.clone(), caller, request).in_current_span());
         let mut answer = Unanswered {
             task: Some(task),
-            undo: (Resp::REVEALS && outcome.vm_id.is_empty())
-                .then(|| (self.app.service.clone(), caller, self.app.rpc_tasks.clone())),
+            undo,
         };
-        let Some(task) = answer.task.as_mut() else {
-            return Err(RpcError::new(
-                Code::Internal,
-                "internal error; see the metald log",
+        let Some(joined) = answer.wait(deadline.map(|(at, _)| at)).await else {
+            let what = if answer.undo.is_some() {
+                "while the operation ran; the VM it was making is removed again, as its id never reached you"
+            } else {
+                "while the operation ran; it continues in the background"
+            };
+            return Err(deadline_passed(
+                deadline.map_or(Duration::ZERO, |(_, d)| d),
+                what,
             ));
         };
-        let joined = match deadline {
-            Some((at, d)) => match tokio::time::timeout_at(at.into(), task).await {
-                Ok(joined) => joined,
-                Err(_) => {
-                    let what = if answer.undo.is_some() {
-                        "while the operation ran; the VM it was making is removed again, as its id never reached you"
-                    } else {
-                        "while the operation ran; it continues in the background"
-                    };
-                    return Err(deadline_passed(d, what));
-                }
-            },
-            None => task.await,
-        };
-        answer.task = None;
         match joined {
             Ok(result) => result.map_err(RpcError::from),
             Err(join) => {

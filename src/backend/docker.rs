@@ -507,10 +507,7 @@ impl DockerBackend {
                     .unwrap_or_default()
                     .trim()
                     .to_owned();
-                let scope = attributes
-                    .get(labels::SCOPE)
-                    .cloned()
-                    .unwrap_or_else(|| labels::DEFAULT_SCOPE.to_owned());
+                let scope = labels::scope_of(&attributes).to_owned();
                 Ok(Some(ContainerEvent {
                     container_id,
                     vm_id,

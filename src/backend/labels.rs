@@ -22,6 +22,12 @@ pub const CREATED_AT: &str = "unkey.vm.created_at";
 /// The scope used when none is configured; its containers keep the compat name.
 pub const DEFAULT_SCOPE: &str = "default";
 
+/// The scope a container's labels name. Containers of the service we replace carry none:
+/// they belong to the default one.
+pub fn scope_of(labels: &HashMap<String, String>) -> &str {
+    labels.get(SCOPE).map_or(DEFAULT_SCOPE, String::as_str)
+}
+
 /// A VM's identity as stored on its container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmLabels {
@@ -56,11 +62,7 @@ impl VmLabels {
             return Err(format!("label {CREATED_BY} is not {CREATED_BY_VALUE}"));
         }
         let vm_id = get(VM_ID)?.clone();
-        // Containers of the service we replace carry no scope: they belong to the default one.
-        let scope = labels
-            .get(SCOPE)
-            .cloned()
-            .unwrap_or_else(|| DEFAULT_SCOPE.to_owned());
+        let scope = scope_of(labels).to_owned();
         let customer_id = get(CUSTOMER)?.clone();
         let config = B64
             .decode(get(CONFIG)?)

@@ -289,15 +289,14 @@ impl VmService {
     /// have put it there already).
     async fn remove_failed_create(&self, id: &VmId, container_id: &str) {
         match self.backend.remove(container_id, true).await {
-            Ok(()) => {
-                self.index.remove(id, Some(container_id));
-                tracing::info!(vm_id = %id, "removed the container of a create that failed midway");
-            }
-            Err(e) if e.is_not_found() => {
-                self.index.remove(id, Some(container_id));
-            }
-            Err(e) => {
+            Err(e) if !e.is_not_found() => {
                 tracing::warn!(vm_id = %id, error = %e, "could not remove the container of a failed create; the next re-list finds it")
+            }
+            removed => {
+                self.index.remove(id, Some(container_id));
+                if removed.is_ok() {
+                    tracing::info!(vm_id = %id, "removed the container of a create that failed midway");
+                }
             }
         }
     }

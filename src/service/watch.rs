@@ -167,13 +167,11 @@ async fn resync(service: &Arc<VmService>) -> Result<(), backend::Error> {
             Err(why) => tracing::debug!(container_id = id, reason = why, "not a VM of this scope"),
         }
     }
-    let ours = |labels: &std::collections::HashMap<String, String>| {
-        labels
-            .get(labels::SCOPE)
-            .map_or(labels::DEFAULT_SCOPE, String::as_str)
-            == service.scope()
-    };
-    if listing.unreadable.iter().any(ours) {
+    if listing
+        .unreadable
+        .iter()
+        .any(|l| labels::scope_of(l) == service.scope())
+    {
         // A container of ours could not be inspected: do not conclude that any VM is gone.
         return Ok(());
     }
