@@ -51,6 +51,7 @@ async fn main() {
         port_host_ip: "127.0.0.1".into(),
         port_range: (30000, 40000),
         pull_timeout: Duration::from_secs(60),
+        hardening: Default::default(),
     })
     .expect("docker");
     let index = Arc::new(VmIndex::default());
@@ -86,6 +87,8 @@ async fn main() {
         usage,
         docker_up: ready,
         billing: None,
+        limits: Default::default(),
+        peer_guard: Default::default(),
     }));
     let cancel = CancellationToken::new();
     tokio::spawn(watch::run(service.clone(), cancel.clone()));

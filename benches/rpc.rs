@@ -132,6 +132,7 @@ async fn main() {
         port_host_ip: "127.0.0.1".into(),
         port_range: (30000, 40000),
         pull_timeout: Duration::from_secs(60),
+        hardening: Default::default(),
     })
     .unwrap();
     raw.negotiate().await.expect("docker");

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod billing;
 pub mod config;
 pub mod listener;
+pub mod peer_guard;
 pub mod proto;
 pub mod server;
 pub mod service;

@@ -14,6 +14,7 @@ use crate::api::{self, AppState};
 use crate::backend::DockerBackend;
 use crate::billing::{collector, sender, Billing, Mode};
 use crate::config::{Config, TlsMode};
+use crate::peer_guard::PeerGuard;
 use crate::service::{watch, Parts, VmService};
 use crate::telemetry::Metrics;
 use crate::vm::index::VmIndex;
@@ -32,6 +33,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let backend = DockerBackend::new(config.docker.clone())?;
+    let peer_guard = Arc::new(PeerGuard::default());
     let index = Arc::new(VmIndex::default());
     let usage = Arc::new(UsageBoard::default());
     let docker_up = Arc::new(AtomicBool::new(false));
@@ -52,6 +54,8 @@ pub async fn run(
         usage,
         docker_up,
         billing: Some(billing.clone()),
+        limits: config.limits.clone(),
+        peer_guard: peer_guard.clone(),
     }));
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();

@@ -31,6 +31,33 @@ pub struct DockerSettings {
     pub port_host_ip: String,
     pub port_range: (u16, u16),
     pub pull_timeout: Duration,
+    /// What every VM container is denied (spec §5, §5.1).
+    pub hardening: Hardening,
+}
+
+/// Limits and privileges every VM container gets; VMs run customers' code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hardening {
+    /// Processes per container; 0 = no limit.
+    pub pids_limit: i64,
+    pub no_new_privileges: bool,
+    /// Capabilities dropped from Docker's default set, without `CAP_`.
+    pub cap_drop: Vec<String>,
+    /// json-file log rotation, set on each container (hosts' daemon.json may set none).
+    pub log_max_size: String,
+    pub log_max_file: u32,
+}
+
+impl Default for Hardening {
+    fn default() -> Self {
+        Self {
+            pids_limit: 1024,
+            no_new_privileges: true,
+            cap_drop: vec!["NET_RAW".to_owned()],
+            log_max_size: "10m".to_owned(),
+            log_max_file: 3,
+        }
+    }
 }
 
 /// Longest a single engine request may take. Stops carry their own grace period on top.

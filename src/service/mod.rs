@@ -3,6 +3,7 @@
 //! Knows tenancy, validation and the lifecycle; knows neither HTTP nor bollard.
 
 pub mod error;
+pub mod limits;
 pub mod validate;
 pub mod watch;
 
@@ -14,9 +15,11 @@ use std::time::{Duration, SystemTime};
 use prost::Message as _;
 
 pub use error::Error;
+pub use limits::Limits;
 
 use crate::backend::{self, ContainerSpec, ContainerView, DockerBackend, VmLabels};
 use crate::billing::Billing;
+use crate::peer_guard::PeerGuard;
 use crate::proto::vmprovisioner::VmConfig;
 use crate::vm::index::VmIndex;
 use crate::vm::state::{self, Action, Op};
@@ -60,6 +63,10 @@ pub struct VmService {
     /// still in flight instead of adopting a container that attempt may remove. One lock
     /// per id in flight: different ids never wait on each other.
     creating: std::sync::Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    /// What one request may ask for (spec §5.1).
+    limits: Limits,
+    /// The listeners' view of the VM subnets; kept current by `watch`.
+    peer_guard: Arc<PeerGuard>,
 }
 
 /// A create's exclusive turn on its vm_id; the id's lock goes when nobody else waits on it.
@@ -94,6 +101,8 @@ pub struct Parts {
     pub usage: Arc<UsageBoard>,
     pub docker_up: Arc<AtomicBool>,
     pub billing: Option<Arc<Billing>>,
+    pub limits: Limits,
+    pub peer_guard: Arc<PeerGuard>,
 }
 
 impl VmService {
@@ -106,6 +115,8 @@ impl VmService {
             usage: parts.usage,
             billing: parts.billing,
             creating: std::sync::Mutex::default(),
+            limits: parts.limits,
+            peer_guard: parts.peer_guard,
         }
     }
 
@@ -134,6 +145,8 @@ impl VmService {
             usage: Arc::default(),
             docker_up: Arc::default(),
             billing: None,
+            limits: Limits::default(),
+            peer_guard: Arc::default(),
         })
     }
 
@@ -148,6 +161,14 @@ impl VmService {
 
     pub fn backend(&self) -> &DockerBackend {
         &self.backend
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn peer_guard(&self) -> &Arc<PeerGuard> {
+        &self.peer_guard
     }
 
     pub fn scope(&self) -> &str {
@@ -552,6 +573,7 @@ mod tests {
             port_host_ip: "127.0.0.1".into(),
             port_range: (30000, 40000),
             pull_timeout: Duration::from_secs(1),
+            hardening: Default::default(),
         })
         .expect("backend");
         VmService::standalone(backend, "unit")
