@@ -2,9 +2,12 @@
 
 mod bad_input;
 mod binary;
+mod caps;
 mod cli;
 mod concurrency;
+mod isolation;
 mod lifecycle;
+mod load;
 mod outage;
 mod restart;
 mod support;

@@ -1,0 +1,1 @@
+//! (issue 9) — filled in by its owner.
