@@ -6,7 +6,8 @@
 
 DEV_IMAGE ?= metald-dev:latest
 DEV_CONTAINER ?= metald-dev
-# -p argument for metald's port; 8080:8080 publishes it on every interface of the host.
+# Where metald listens, in `docker run -p` form (the container shares the host's network, so
+# metald sees real client addresses and refuses VMs); 8080:8080 is every interface.
 DEV_PUBLISH ?= 127.0.0.1:8080:8080
 # Mounted as /etc/default/unkey-deploy.local (overrides of /etc/default/unkey-deploy).
 DEV_ENV_FILE ?= deploy/env/dev.env
@@ -52,7 +53,8 @@ docker-dev-shell: ## a shell in the dev container (systemctl, journalctl, metald
 
 docker-dev-vm: ## metald-cli create-and-boot in the dev container (DEV_VM_IMAGE, DEV_VM_TEMPLATE, DEV_VM_ARGS)
 	@if [ "$(DEV_VM_IMAGE)" = metald-test-busybox:latest ]; then bash scripts/build-test-image.sh; fi
-	docker exec $(DEV_TTY) $(DEV_CONTAINER) metald-cli create-and-boot --template $(DEV_VM_TEMPLATE) \
+	docker exec $(DEV_TTY) -e UNKEY_METALD_SERVER_ADDRESS="http://127.0.0.1:$$(sed -n 's/^UNKEY_METALD_PORT=//p' .data/dev-run/$(DEV_CONTAINER).env 2>/dev/null | tail -n1 | grep . || echo 8080)" \
+	  $(DEV_CONTAINER) metald-cli create-and-boot --template $(DEV_VM_TEMPLATE) \
 	  --docker-image $(DEV_VM_IMAGE) $(DEV_VM_ARGS)
 
 docker-dev-e2e: build ## end to end: Debian+systemd image with the same install, socket mounted (~2 min cold, ~40 s warm)

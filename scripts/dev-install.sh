@@ -8,6 +8,9 @@
 #   - env file: systemd/unkey-deploy.env as /etc/default/unkey-deploy (an existing file that
 #     differs is kept, and the shipped one is written beside it as unkey-deploy.dist)
 #   - users (sysusers.d) and directories (tmpfiles.d), created now and at every boot
+#   - sysctl.d/60-metald.conf: the VM host-port range reserved from the kernel's ephemeral
+#     ports (applied now when /proc/sys is writable, and at every boot)
+#   - metald-health, the dev container's HEALTHCHECK
 #   - the four units enabled (the other three run only when their binaries are present)
 #
 #   scripts/dev-install.sh [--root DIR] [--bin-dir DIR] [--now]
@@ -59,6 +62,8 @@ if [ -n "$bin_dir" ]; then
     fi
   done
 fi
+# The dev container's HEALTHCHECK: metald's /health on the configured address and port.
+install -m 0755 "${units_src}/metald-health" "${prefix}/usr/local/bin/metald-health"
 for bin in metald metald-cli; do
   [ -x "${prefix}/usr/local/bin/${bin}" ] || {
     echo "dev-install: ${prefix}/usr/local/bin/${bin} missing: pass --bin-dir" >&2; exit 1; }
@@ -75,6 +80,10 @@ for svc in "${services[@]}"; do
 done
 install -m 0644 "${units_src}/sysusers-unkey-deploy.conf" "${prefix}/etc/sysusers.d/unkey-deploy.conf"
 install -m 0644 "${units_src}/tmpfiles-unkey-deploy.conf" "${prefix}/etc/tmpfiles.d/unkey-deploy.conf"
+# VM host ports (UNKEY_METALD_DOCKER_PORT_RANGE_*, 30000-40000) reserved from the kernel's
+# ephemeral ports, which outgoing connections would otherwise take from under Docker.
+install -d -m 0755 "${prefix}/etc/sysctl.d"
+install -m 0644 "${units_src}/sysctl-metald.conf" "${prefix}/etc/sysctl.d/60-metald.conf"
 
 # 3. The env file; a local edit is never overwritten.
 install -d -m 0755 "${prefix}/etc/default"
@@ -87,6 +96,10 @@ else
 fi
 
 if [ "$root" = / ]; then
+  # The reservation now, not only at the next boot (a container's /proc/sys may be read-only).
+  if [ -w /proc/sys/net/ipv4/ip_local_reserved_ports ]; then
+    sysctl -q -p /etc/sysctl.d/60-metald.conf || say "could not apply /etc/sysctl.d/60-metald.conf now"
+  fi
   systemd-sysusers /etc/sysusers.d/unkey-deploy.conf
   systemd-tmpfiles --create /etc/tmpfiles.d/unkey-deploy.conf
 else

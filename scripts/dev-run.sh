@@ -4,14 +4,23 @@
 #
 #   scripts/dev-run.sh NAME IMAGE [extra `docker run` arguments...]
 #
+# The container shares the host's network namespace (--network host): metald then sees every
+# client's real address and refuses VMs by theirs (spec §5.1), as it does when run on the host.
+# Behind a published port it could not: Docker's NAT or proxy gives every client, a VM calling
+# the host's address included, the same gateway address, so a port published on all interfaces
+# would let every VM drive the API.
+#
 # What systemd needs from the engine: `--privileged` where the host allows it, otherwise the
 # minimal set: --cap-add SYS_ADMIN, seccomp unconfined (AppArmor too where it is enabled), tmpfs
 # on /run, /run/lock and /tmp, and the cgroup tree (read-only on cgroup v1; on cgroup v2 the
 # host's cgroup namespace, writable). Environment:
 #   DEV_RUN_FLAGS       replaces that choice entirely (e.g. DEV_RUN_FLAGS=--privileged)
-#   DEV_PUBLISH         -p argument for metald's port (default 127.0.0.1:8080:8080;
-#                       127.0.0.1::8080 picks a free host port)
-#   DEV_ENV_FILE        a file mounted as /etc/default/unkey-deploy.local (overrides; optional)
+#   DEV_PUBLISH         where metald listens, in `docker run -p` form for port 8080 (default
+#                       127.0.0.1:8080:8080; 127.0.0.1::8080 picks a free port; 8080:8080 is
+#                       every interface, VMs still refused)
+#   DEV_ENV_FILE        overrides of /etc/default/unkey-deploy (optional); with the listen
+#                       address and port it becomes the container's /etc/default/unkey-deploy.local
+#   DEV_STATE_DIR       where that file is written (default .data/dev-run in the checkout)
 #   DEV_HEALTH_TIMEOUT  seconds to wait for /health (default 120)
 #   DOCKER_SOCK         the host's engine socket (default /var/run/docker.sock)
 set -euo pipefail
@@ -29,19 +38,49 @@ docker image inspect "$image" >/dev/null 2>&1 || {
   echo "dev-run: image $image not found (make docker-dev-build)" >&2; exit 1; }
 [ -S "$sock" ] || { echo "dev-run: no Docker socket at $sock" >&2; exit 1; }
 
+# DEV_PUBLISH: [IP:][HOSTPORT:]8080, as `docker run -p` reads it.
+case "$publish" in
+  *:*:8080) listen_ip="${publish%%:*}"; rest="${publish#*:}"; listen_port="${rest%:8080}" ;;
+  *:8080) listen_ip=0.0.0.0; listen_port="${publish%:8080}" ;;
+  8080) listen_ip=0.0.0.0; listen_port="" ;;
+  *) echo "dev-run: DEV_PUBLISH=${publish}: expected [IP:][HOSTPORT:]8080" >&2; exit 2 ;;
+esac
+listen_ip="${listen_ip#[}"; listen_ip="${listen_ip%]}"
+if [ -z "$listen_port" ]; then
+  # A free port: nothing accepts a connection on it (good enough for a dev environment).
+  for _ in $(seq 1 50); do
+    candidate=$((20000 + RANDOM % 10000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/${candidate}") 2>/dev/null; then listen_port="$candidate"; break; fi
+  done
+  [ -n "$listen_port" ] || { echo "dev-run: found no free port" >&2; exit 1; }
+fi
+case "$listen_port" in '' | *[!0-9]*) echo "dev-run: DEV_PUBLISH=${publish}: bad port" >&2; exit 2 ;; esac
+
 if [ -n "$(docker ps -aq --filter "name=^/${name}\$")" ]; then
   say "removing the previous container $name"
   docker rm -f "$name" >/dev/null
 fi
 
+# The overrides the services read: DEV_ENV_FILE, then where metald listens (later lines win).
+state_dir="${DEV_STATE_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.data/dev-run}"
+mkdir -p "$state_dir"
+env_local="$(cd "$state_dir" && pwd)/${name}.env"
+{
+  if [ -n "${DEV_ENV_FILE:-}" ]; then
+    [ -f "$DEV_ENV_FILE" ] || { echo "dev-run: DEV_ENV_FILE $DEV_ENV_FILE not found" >&2; exit 1; }
+    cat "$DEV_ENV_FILE"
+    echo
+  fi
+  echo "# dev-run.sh: DEV_PUBLISH=${publish}"
+  echo "UNKEY_METALD_ADDRESS=${listen_ip}"
+  echo "UNKEY_METALD_PORT=${listen_port}"
+} >"$env_local"
+
 common=(--detach --name "$name" --hostname "$name"
+        --network host
         --volume "${sock}:/var/run/docker.sock"
-        --publish "$publish"
+        --volume "${env_local}:/etc/default/unkey-deploy.local:ro"
         --tmpfs /run --tmpfs /run/lock --tmpfs /tmp)
-if [ -n "${DEV_ENV_FILE:-}" ]; then
-  [ -f "$DEV_ENV_FILE" ] || { echo "dev-run: DEV_ENV_FILE $DEV_ENV_FILE not found" >&2; exit 1; }
-  common+=(--volume "$(cd "$(dirname "$DEV_ENV_FILE")" && pwd)/$(basename "$DEV_ENV_FILE"):/etc/default/unkey-deploy.local:ro")
-fi
 
 minimal_flags() {
   local cgroup security
@@ -77,11 +116,13 @@ fi
 [ -n "$started" ] || { echo "dev-run: docker run failed ($mode)" >&2; exit 1; }
 say "started $name from $image with $mode"
 
-# The host side of metald's port.
-published="$(docker port "$name" 8080/tcp | head -n1)"
 where=""
-case "$published" in 0.0.0.0:* | \[::\]:* | :::*) where=" (published on all interfaces)" ;; esac
-url="http://127.0.0.1:${published##*:}"
+url_host="$listen_ip"
+case "$listen_ip" in
+  0.0.0.0 | ::) where=" (all interfaces; VMs are refused)"; url_host=127.0.0.1 ;;
+  *:*) url_host="[${listen_ip}]" ;;
+esac
+url="http://${url_host}:${listen_port}"
 
 deadline=$((SECONDS + timeout))
 until body="$(curl -fsS --max-time 3 "${url}/health" 2>/dev/null)"; do
@@ -98,4 +139,7 @@ if command -v jq >/dev/null; then
   summary="$(jq -r '"status \(.status), metald \(.version // "?"), docker engine \(.checks.docker.version // "?")"' <<<"$body" 2>/dev/null || echo "$summary")"
 fi
 say "metald is healthy after ${SECONDS}s (${summary})"
-say "metald listens on ${url}${where} (container ${name}; VMs are sibling containers on this engine)"
+say "metald listens on ${url}${where} (container ${name}, host network; VMs are sibling containers on this engine)"
+if [ "$listen_port" != 8080 ]; then
+  say "inside the container: UNKEY_METALD_SERVER_ADDRESS=${url} metald-cli ..."
+fi

@@ -12,3 +12,4 @@ mod outage;
 mod restart;
 mod support;
 mod tls;
+mod vm_refused;
