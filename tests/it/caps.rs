@@ -335,3 +335,53 @@ async fn force_delete_cuts_a_graceful_reboot_short() {
     assert_eq!(code_of(c.info(&id).await).code, "not_found");
     assert!(m.log_text().contains(KILLED_EARLY), "{}", m.log_text());
 }
+
+/// Queued in this order behind a graceful stop in its grace: a Boot, a second graceful stop,
+/// then the force stop. The force stop kills the first grace at once; the Boot then starts the
+/// VM (the serial order holds); the second graceful stop begins its grace while the force stop
+/// waits, which wakes it and it kills again. No one waits out a grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_shutdown_cuts_every_grace_queued_ahead_of_it() {
+    let m = Metald::start("forcequeue").await;
+    let c = m.client("alice");
+    let id = stubborn_vm(&c).await;
+    let spawn_after = |delay_ms: u64, call: &'static str| {
+        let (c, id) = (c.clone(), id.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let t = Instant::now();
+            let state = match call {
+                "boot" => c.boot(&id).await.map(|r| r.state()),
+                "graceful" => shutdown_within(&c, &id, 60).await.map(|r| r.state()),
+                _ => c.shutdown(&id, true).await.map(|r| r.state()),
+            };
+            (call, state, t.elapsed())
+        })
+    };
+    let calls = vec![
+        spawn_after(0, "graceful"),
+        spawn_after(1500, "boot"),
+        spawn_after(2000, "graceful"),
+        spawn_after(2500, "force"),
+    ];
+    let mut answers = Vec::new();
+    for call in calls {
+        let answer = tokio::time::timeout(Duration::from_secs(70), call)
+            .await
+            .expect("answered")
+            .expect("task");
+        println!("queued behind a grace: {answer:?}");
+        answers.push(answer);
+    }
+    let (_, forced, force_took) = &answers[3];
+    assert_eq!(forced.as_ref().expect("force"), &VmState::Shutdown);
+    assert!(*force_took < Duration::from_secs(5), "{force_took:?}");
+    assert_eq!(answers[1].1.as_ref().expect("boot"), &VmState::Running);
+    for (call, state, took) in &answers {
+        assert!(state.is_ok(), "{call}: {state:?}");
+        assert!(*took < Duration::from_secs(10), "{call} took {took:?}");
+    }
+    let kills = m.log_text().matches(KILLED_EARLY).count();
+    assert_eq!(kills, 2, "one kill per grace cut short");
+    assert_eq!(c.state(&id).await.unwrap(), VmState::Shutdown);
+}
