@@ -27,6 +27,10 @@ use client::BillagedClient;
 use sample::Sample;
 use spool::{Record, Spool};
 
+/// The longest a stop waits for its final billing sample (one engine stats read, normally
+/// well under a second; a loaded engine may take longer).
+pub const FINAL_SAMPLE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How billing behaves (spec §8: disabled and mock make no calls).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -169,18 +173,29 @@ impl Billing {
     }
 
     /// Takes one more sample of a metered VM right before it stops, so usage up to the stop
-    /// is billed (its counters are gone once the container is down).
+    /// is billed (its counters are gone once the container is down). Bounded by
+    /// [`FINAL_SAMPLE_TIMEOUT`]: a stop, and above all a force kill, waits no longer for it;
+    /// the last periodic sample then stands as the run's last.
     pub async fn final_sample(&self, vm: &VmSnapshot) {
         if self.mode == Mode::Disabled {
             return;
         }
-        match self.backend.stats(&vm.container_id).await {
-            Ok(stats) if stats.running => {
+        let reading =
+            tokio::time::timeout(FINAL_SAMPLE_TIMEOUT, self.backend.stats(&vm.container_id)).await;
+        match reading {
+            Ok(Ok(stats)) if stats.running => {
                 let sample = self.record_sample(vm, &stats);
                 self.spool_samples(vec![(vm.vm_id.to_string(), vm.customer_id.clone(), sample)]);
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(vm_id = %vm.vm_id, error = %e, "final billing sample failed"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(vm_id = %vm.vm_id, error = %e, "final billing sample failed")
+            }
+            Err(_) => tracing::warn!(
+                vm_id = %vm.vm_id,
+                timeout = ?FINAL_SAMPLE_TIMEOUT,
+                "final billing sample took too long; stopping without it"
+            ),
         }
     }
 

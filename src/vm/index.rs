@@ -7,7 +7,7 @@
 //! other. Readers (GetVmInfo, ListVms) take snapshots and never queue behind operations.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::{VmId, VmSnapshot, VmState};
@@ -21,6 +21,28 @@ pub struct VmSlot {
     /// Set when the VM is removed from the index, so an operation that waited on `op_lock`
     /// finds out the VM is gone instead of acting on a dead slot.
     removed: AtomicBool,
+    /// The grace wait in progress under `op_lock` (a graceful stop or reboot), 0 = none: a
+    /// force stop or delete does not queue behind it but kills at once (spec §5.1).
+    grace_wait: AtomicU64,
+    /// Numbers grace waits, so a force op kills once per wait.
+    grace_seq: AtomicU64,
+    /// Wakes force ops already waiting for `op_lock` when a grace wait begins.
+    grace_started: tokio::sync::Notify,
+}
+
+/// A grace wait in progress on one VM; over when dropped (also when its task is cancelled).
+pub struct GraceWait<'a> {
+    slot: &'a VmSlot,
+    seq: u64,
+}
+
+impl Drop for GraceWait<'_> {
+    fn drop(&mut self) {
+        let _ =
+            self.slot
+                .grace_wait
+                .compare_exchange(self.seq, 0, Ordering::AcqRel, Ordering::Acquire);
+    }
 }
 
 impl VmSlot {
@@ -29,7 +51,33 @@ impl VmSlot {
             op_lock: tokio::sync::Mutex::new(()),
             snapshot: RwLock::new(Arc::new(snapshot)),
             removed: AtomicBool::new(false),
+            grace_wait: AtomicU64::new(0),
+            grace_seq: AtomicU64::new(0),
+            grace_started: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Marks the start of a wait out of a grace period by the holder of `op_lock`, and wakes
+    /// the force ops waiting for that lock.
+    pub fn begin_grace(&self) -> GraceWait<'_> {
+        let seq = self.grace_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        self.grace_wait.store(seq, Ordering::Release);
+        self.grace_started.notify_waiters();
+        GraceWait { slot: self, seq }
+    }
+
+    /// The grace wait in progress, by number, if any.
+    pub fn grace_wait(&self) -> Option<u64> {
+        match self.grace_wait.load(Ordering::Acquire) {
+            0 => None,
+            seq => Some(seq),
+        }
+    }
+
+    /// Resolves when a grace wait begins after this future was enabled (`Notified::enable`)
+    /// or first polled: check `grace_wait` after enabling it, and no beginning is missed.
+    pub fn grace_started(&self) -> tokio::sync::futures::Notified<'_> {
+        self.grace_started.notified()
     }
 
     pub fn snapshot(&self) -> Arc<VmSnapshot> {
@@ -192,6 +240,18 @@ impl VmIndex {
         self.read().keys().cloned().collect()
     }
 
+    /// How many VMs a customer has in the index (every state counts; deleted ones are gone).
+    pub fn count_of(&self, customer_id: &str) -> usize {
+        self.read()
+            .values()
+            .filter(|slot| slot.snapshot().customer_id == customer_id)
+            .count()
+    }
+
+    pub fn contains(&self, id: &VmId) -> bool {
+        self.read().contains_key(id)
+    }
+
     pub fn len(&self) -> usize {
         self.read().len()
     }
@@ -270,88 +330,4 @@ fn sort_key(s: &VmSnapshot) -> (i64, &str) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::vm::NetworkView;
-    use std::time::{Duration, SystemTime};
-
-    fn snap(id: &str, customer: &str, created_s: u64, state: VmState) -> VmSnapshot {
-        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(created_s);
-        VmSnapshot {
-            vm_id: VmId::parse(id).unwrap(),
-            customer_id: customer.into(),
-            config: Arc::default(),
-            config_bytes: Arc::default(),
-            created_at: t,
-            container_id: format!("c-{id}"),
-            container_name: format!("unkey-vm-{id}"),
-            image: "img".into(),
-            state,
-            docker_status: "created".into(),
-            started_at: None,
-            finished_at: None,
-            exit_code: None,
-            network: NetworkView::default(),
-            modified_at: t,
-        }
-    }
-
-    #[test]
-    fn lists_newest_first_with_stable_paging() {
-        let index = VmIndex::default();
-        for i in 0..7 {
-            index.upsert(snap(&format!("vm{i}"), "alice", 100 + i, VmState::Created));
-        }
-        index.upsert(snap("other", "bob", 500, VmState::Created));
-        let p1 = index.list("alice", &[], None, 3);
-        assert_eq!(p1.total, 7);
-        let ids: Vec<_> = p1.vms.iter().map(|s| s.vm_id.to_string()).collect();
-        assert_eq!(ids, ["vm6", "vm5", "vm4"]);
-        // A VM created between pages does not shift the next page.
-        index.upsert(snap("vm9", "alice", 900, VmState::Created));
-        let p2 = index.list("alice", &[], p1.next.as_ref(), 3);
-        let ids: Vec<_> = p2.vms.iter().map(|s| s.vm_id.to_string()).collect();
-        assert_eq!(ids, ["vm3", "vm2", "vm1"]);
-        let p3 = index.list("alice", &[], p2.next.as_ref(), 3);
-        assert_eq!(p3.vms.len(), 1);
-        assert!(p3.next.is_none());
-    }
-
-    #[test]
-    fn a_removed_container_is_not_brought_back_by_a_late_observation() {
-        let index = VmIndex::default();
-        assert!(index.insert_new(snap("a", "alice", 1, VmState::Created)));
-        // Already there: an insert of what the index has is refused, the slot kept.
-        assert!(!index.insert_new(snap("a", "alice", 1, VmState::Running)));
-        let id = VmId::parse("a").unwrap();
-        assert!(index.remove(&id, Some("c-a")));
-        assert!(!index.insert_new(snap("a", "alice", 1, VmState::Created)));
-        assert!(index.get(&id).is_none());
-        // A new container under the same id is a new VM.
-        let mut again = snap("a", "alice", 2, VmState::Created);
-        again.container_id = "c-a-2".into();
-        assert!(index.insert_new(again));
-    }
-
-    #[test]
-    fn filters_by_state() {
-        let index = VmIndex::default();
-        index.upsert(snap("a", "c", 1, VmState::Running));
-        index.upsert(snap("b", "c", 2, VmState::Paused));
-        index.upsert(snap("d", "c", 3, VmState::Shutdown));
-        let page = index.list("c", &[VmState::Running, VmState::Paused], None, 50);
-        assert_eq!(page.total, 2);
-    }
-
-    #[test]
-    fn remove_only_matching_container() {
-        let index = VmIndex::default();
-        let id = VmId::parse("a").unwrap();
-        let slot = index.upsert(snap("a", "c", 1, VmState::Running));
-        assert!(!index.remove(&id, Some("other-container")));
-        assert!(index.get(&id).is_some());
-        assert!(index.remove(&id, Some("c-a")));
-        assert!(slot.is_removed());
-        assert!(index.get(&id).is_none());
-    }
-}
+mod tests;
