@@ -61,6 +61,7 @@ pub async fn run(
     let tasks = TaskTracker::new();
     tasks.spawn(watch::run(service.clone(), cancel.clone()));
     tasks.spawn(collector::run(billing.clone(), cancel.clone()));
+    tasks.spawn(trim_memory(cancel.clone()));
     if billing.mode() == Mode::Enabled {
         tasks.spawn(sender::run(billing.clone(), cancel.clone()));
         tasks.spawn(sender::heartbeat(billing.clone(), cancel.clone()));
@@ -161,6 +162,34 @@ pub async fn run(
     }
     tracing::info!("metald stopped");
     Ok(())
+}
+
+/// How often freed heap memory is handed back to the kernel.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// After a burst (thousands of refused RPCs, many connections closed) glibc keeps the
+/// freed memory in its arenas, so RSS stays at the burst's peak: measured, two bursts of
+/// 5,000 refused RPCs over 250 connections left +13 MiB, also once the connections had
+/// closed. `malloc_trim` hands whole free pages back (that case: -5 MiB from before the
+/// bursts). It runs on a timer rather than on some sign of a burst, since freed memory
+/// gives none (RSS does not move when memory is freed). It holds each arena's lock while
+/// it walks it: measured 0.2-8 ms here, on a blocking thread.
+async fn trim_memory(cancel: CancellationToken) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let mut tick = tokio::time::interval(TRIM_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            // SAFETY: malloc_trim has no preconditions; it only releases free memory.
+            let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    cancel.cancelled().await;
 }
 
 /// Each listener's bound on open connections: as configured, or derived from the open-file

@@ -82,6 +82,8 @@ pub struct AppState {
 pub struct RpcSlots {
     slots: Arc<Semaphore>,
     max: usize,
+    /// The most ever taken at once, for `/metrics`.
+    peak: std::sync::atomic::AtomicUsize,
     /// Refusals at the limit are logged at most once a second (they are all counted in
     /// `rpc_server_requests_total`).
     refused_log: Throttle,
@@ -93,12 +95,16 @@ impl RpcSlots {
         Self {
             slots: Arc::new(Semaphore::new(max)),
             max,
+            peak: std::sync::atomic::AtomicUsize::new(0),
             refused_log: Throttle::new(Duration::from_secs(1)),
         }
     }
 
     fn try_take(&self) -> Option<OwnedSemaphorePermit> {
-        self.slots.clone().try_acquire_owned().ok()
+        let slot = self.slots.clone().try_acquire_owned().ok()?;
+        self.peak
+            .fetch_max(self.in_flight(), std::sync::atomic::Ordering::Relaxed);
+        Some(slot)
     }
 
     /// Slots taken now.
@@ -148,11 +154,16 @@ pub fn metrics_router(state: AppState) -> Router {
 
 async fn metrics(State(app): State<AppState>) -> Response {
     let mut body = app.metrics.render(app.service.index(), &app.billing);
-    // The in-flight bound's own figures: how close the instance is to refusing RPCs.
+    // The in-flight bound's own figures: how close the instance is (and came) to
+    // refusing RPCs.
+    let slots = &app.rpc_slots;
     body.push_str(&format!(
-        "# TYPE metald_rpcs_in_flight gauge\nmetald_rpcs_in_flight {}\n# TYPE metald_rpcs_in_flight_limit gauge\nmetald_rpcs_in_flight_limit {}\n",
-        app.rpc_slots.in_flight(),
-        app.rpc_slots.max
+        "# TYPE metald_rpcs_in_flight gauge\nmetald_rpcs_in_flight {}\n\
+         # TYPE metald_rpcs_in_flight_peak gauge\nmetald_rpcs_in_flight_peak {}\n\
+         # TYPE metald_rpcs_in_flight_limit gauge\nmetald_rpcs_in_flight_limit {}\n",
+        slots.in_flight(),
+        slots.peak.load(std::sync::atomic::Ordering::Relaxed),
+        slots.max
     ));
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
