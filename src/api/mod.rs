@@ -135,7 +135,8 @@ async fn refuse_vm_peer(request: Request) -> Response {
     let (parts, body) = request.into_parts();
     connect::discard_body(body).await;
     let err = RpcError::new(Code::PermissionDenied, "metald does not serve VM networks");
-    if parts.method == http::Method::POST && parts.uri.path().starts_with(&format!("/{SERVICE}/")) {
+    let rpc_path = parts.uri.path().starts_with(&format!("/{SERVICE}/"));
+    if parts.method == http::Method::POST && rpc_path {
         if let Ok(rpc) = connect::negotiate(&parts.headers) {
             return connect::error_response(&rpc, &err);
         }
