@@ -173,7 +173,8 @@ const TRIM_EVERY: Duration = Duration::from_secs(10);
 /// closed. `malloc_trim` hands whole free pages back (that case: -5 MiB from before the
 /// bursts). It runs on a timer rather than on some sign of a burst, since freed memory
 /// gives none (RSS does not move when memory is freed). It holds each arena's lock while
-/// it walks it: measured 0.2-8 ms here, on a blocking thread.
+/// it walks it: measured 0.2-8 ms wall time here (once 0.5 s, with the cores busy
+/// elsewhere), on a blocking thread.
 async fn trim_memory(cancel: CancellationToken) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
