@@ -33,7 +33,19 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
+    // Before the server starts: its connection bounds are derived from the raised limit.
+    let fd_limit = metald::listener::fd_limit::raise();
     let telemetry = metald::telemetry::init(&config.log_level, &config.otel);
+    match fd_limit {
+        Ok((before, after)) => tracing::info!(
+            soft_before = before.soft,
+            soft = after.soft,
+            hard = after.hard,
+            "open-file limit"
+        ),
+        // Not fatal: the connection bounds are derived from whatever the limit is.
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -195,10 +195,20 @@ const DISCARD_MAX_WAIT: Duration = Duration::from_secs(2);
 /// Reads what is left of a request body and throws it away, within a bound. Answering
 /// before the body is read makes HTTP/2 reset the stream right after the response; a
 /// client still sending (curl, for one) then reports a framing error instead of the
-/// answer. Larger or slower bodies are left to that reset.
+/// answer. Larger or slower bodies are left to that reset. Nothing is kept: a flood of
+/// refused requests costs no memory for their bodies.
 pub async fn discard_body(body: Body) {
-    let limited = http_body_util::Limited::new(body, DISCARD_MAX_BYTES);
-    let _ = tokio::time::timeout(DISCARD_MAX_WAIT, limited.collect()).await;
+    let drain = async {
+        let mut body = body;
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, Bytes::len);
+            if seen > DISCARD_MAX_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_MAX_WAIT, drain).await;
 }
 
 /// Reads the request body (at most the message limit plus framing) and returns the one

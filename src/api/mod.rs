@@ -16,11 +16,13 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use self::connect::Rpc;
 use self::error::{Code, RpcError};
+use crate::listener::Throttle;
 use crate::service::{self, Caller, VmService};
 use crate::telemetry::Metrics;
 
@@ -66,6 +68,49 @@ pub struct AppState {
     /// The service calls in flight: shutdown waits for them (within the drain bound), also
     /// for those whose caller has gone or whose deadline passed.
     pub rpc_tasks: TaskTracker,
+    /// The bound on RPCs in flight (spec §5.1).
+    pub rpc_slots: Arc<RpcSlots>,
+    /// The engine ping `/health` shares among its requests.
+    pub engine_ping: Arc<health::EnginePing>,
+}
+
+/// Slots for RPCs in flight. One is taken before the body is read and given back when the
+/// service task ends (also when that outlives its caller: the work is still being done);
+/// with none free the RPC is refused at once, never queued, so a flood costs a refusal each,
+/// not memory and tasks. `/health` and `/metrics` take none.
+#[derive(Debug)]
+pub struct RpcSlots {
+    slots: Arc<Semaphore>,
+    max: usize,
+    /// The most ever taken at once, for `/metrics`.
+    peak: std::sync::atomic::AtomicUsize,
+    /// Refusals at the limit are logged at most once a second (they are all counted in
+    /// `rpc_server_requests_total`).
+    refused_log: Throttle,
+}
+
+impl RpcSlots {
+    pub fn new(max: usize) -> Self {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            peak: std::sync::atomic::AtomicUsize::new(0),
+            refused_log: Throttle::new(Duration::from_secs(1)),
+        }
+    }
+
+    fn try_take(&self) -> Option<OwnedSemaphorePermit> {
+        let slot = self.slots.clone().try_acquire_owned().ok()?;
+        self.peak
+            .fetch_max(self.in_flight(), std::sync::atomic::Ordering::Relaxed);
+        Some(slot)
+    }
+
+    /// Slots taken now.
+    pub fn in_flight(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
 }
 
 /// All routes of the main listener.
@@ -79,6 +124,26 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// What every request from a VM network gets, on every listener (spec §5.1): RPC paths
+/// `permission_denied` in the caller's protocol, anything else 403 with a Connect error
+/// body. The body is thrown away unread and nothing else runs: no identity, no service.
+pub fn refusal_router() -> Router {
+    Router::new().fallback(refuse_vm_peer)
+}
+
+async fn refuse_vm_peer(request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    connect::discard_body(body).await;
+    let err = RpcError::new(Code::PermissionDenied, "metald does not serve VM networks");
+    let rpc_path = parts.uri.path().starts_with(&format!("/{SERVICE}/"));
+    if parts.method == http::Method::POST && rpc_path {
+        if let Ok(rpc) = connect::negotiate(&parts.headers) {
+            return connect::error_response(&rpc, &err);
+        }
+    }
+    connect::connect_error(&err)
+}
+
 /// The routes of the separate Prometheus listener.
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
@@ -89,7 +154,18 @@ pub fn metrics_router(state: AppState) -> Router {
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
-    let body = app.metrics.render(app.service.index(), &app.billing);
+    let mut body = app.metrics.render(app.service.index(), &app.billing);
+    // The in-flight bound's own figures: how close the instance is (and came) to
+    // refusing RPCs.
+    let slots = &app.rpc_slots;
+    body.push_str(&format!(
+        "# TYPE metald_rpcs_in_flight gauge\nmetald_rpcs_in_flight {}\n\
+         # TYPE metald_rpcs_in_flight_peak gauge\nmetald_rpcs_in_flight_peak {}\n\
+         # TYPE metald_rpcs_in_flight_limit gauge\nmetald_rpcs_in_flight_limit {}\n",
+        slots.in_flight(),
+        slots.peak.load(std::sync::atomic::Ordering::Relaxed),
+        slots.max
+    ));
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         body,
@@ -194,12 +270,16 @@ async fn dispatch(app: AppState, method: Option<Method>, request: Request) -> Re
             return *response;
         }
     };
+    let Some(slot) = app.rpc_slots.try_take() else {
+        return at_limit(&app, &rpc, method, body, started).await;
+    };
     let call = Call {
         app: &app,
         rpc: &rpc,
         headers: &parts.headers,
         body,
         arrived: started,
+        slot,
     };
     let outcome = match method {
         Method::CreateVm => call.unary(vm_service::create_vm).await,
@@ -246,6 +326,38 @@ async fn dispatch(app: AppState, method: Option<Method>, request: Request) -> Re
         log_rpc!(info);
     }
     outcome.response
+}
+
+/// The answer when every RPC slot is taken: `resource_exhausted` at once. Counted in the
+/// metrics like any RPC; logged at most once a second, with how many were held back.
+async fn at_limit(
+    app: &AppState,
+    rpc: &Rpc,
+    method: Method,
+    body: Body,
+    started: Instant,
+) -> Response {
+    connect::discard_body(body).await;
+    let limit = app.rpc_slots.max;
+    let err = RpcError::new(
+        Code::ResourceExhausted,
+        format!("metald is at its limit of {limit} RPCs in flight; retry"),
+    );
+    let span = tracing::Span::current();
+    span.record("otel.status_code", "ERROR");
+    span.record("rpc.connect_rpc.error_code", err.code.as_str());
+    app.metrics
+        .record_rpc(method.name(), err.code.as_str(), started.elapsed());
+    if let Some(held) = app.rpc_slots.refused_log.ready() {
+        tracing::warn!(
+            method = method.name(),
+            code = err.code.as_str(),
+            limit,
+            also_refused = held,
+            "rpc refused: at the limit of RPCs in flight"
+        );
+    }
+    connect::error_response(rpc, &err)
 }
 
 /// A service call whose answer has not reached the caller yet. Dropped while still holding
@@ -326,6 +438,8 @@ struct Call<'a> {
     body: Body,
     /// When the request arrived: deadlines count from here.
     arrived: Instant,
+    /// This RPC's in-flight slot: held through the body read, then by the service task.
+    slot: OwnedSemaphorePermit,
 }
 
 /// What happened, for the log line and metrics.
@@ -497,10 +611,17 @@ impl Call<'_> {
             let app = self.app;
             (app.service.clone(), caller.clone(), app.rpc_tasks.clone())
         });
-        let task = self
-            .app
-            .rpc_tasks
-            .spawn(handler(self.app.service.clone(), caller, request).in_current_span());
+        let work = handler(self.app.service.clone(), caller, request);
+        let slot = self.slot;
+        let task = self.app.rpc_tasks.spawn(
+            async move {
+                // The slot is the task's: it is given back when the work ends, whether
+                // or not anyone still waits for the answer.
+                let _slot = slot;
+                work.await
+            }
+            .in_current_span(),
+        );
         let mut answer = Unanswered {
             task: Some(task),
             undo,
