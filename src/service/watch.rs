@@ -28,8 +28,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// How often a connected instance re-lists: repairs whatever a dropped event missed (the
 /// event stream is not a guaranteed delivery), and re-reads the network's subnets. A re-list
-/// inspects only containers the index disagrees with, so its cost stays one list call for a
-/// quiet host.
+/// costs one list call, one inspect per container of this scope (8 at a time) and a second,
+/// under the VM's lock, only for those the index disagrees with; other scopes' containers
+/// are not inspected.
 pub const RELIST_EVERY: Duration = Duration::from_secs(60);
 
 /// One instance's watch: what outlives a single connection.

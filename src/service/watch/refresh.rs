@@ -3,6 +3,7 @@
 //! events in a loop costs a bounded number of inspects.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use crate::backend::ContainerView;
@@ -32,34 +33,47 @@ impl Refreshes {
         vm_id: &str,
         container: Option<&str>,
     ) {
+        let service = service.clone();
+        self.coalesce(vm_id, container, move |vm_id, container| {
+            let service = service.clone();
+            async move { refresh(&service, &vm_id, container.as_deref()).await }
+        });
+    }
+
+    /// Runs `run(key, hint)` now when none runs for `key`; otherwise marks it wanted once more
+    /// after the running one (with the newest hint). Any number of calls meanwhile add one run.
+    fn coalesce<F, Fut>(self: &Arc<Self>, key: &str, hint: Option<&str>, run: F)
+    where
+        F: Fn(String, Option<String>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         {
             let mut queued = lock(&self.queued);
-            if let Some(again) = queued.get_mut(vm_id) {
+            if let Some(again) = queued.get_mut(key) {
                 again.wanted = true;
-                if let Some(c) = container {
-                    again.container = Some(c.to_owned());
+                if let Some(h) = hint {
+                    again.container = Some(h.to_owned());
                 }
                 return;
             }
-            queued.insert(vm_id.to_owned(), Again::default());
+            queued.insert(key.to_owned(), Again::default());
         }
         let this = self.clone();
-        let service = service.clone();
-        let vm_id = vm_id.to_owned();
-        let mut container = container.map(str::to_owned);
+        let key = key.to_owned();
+        let mut hint = hint.map(str::to_owned);
         tokio::spawn(async move {
             loop {
-                refresh(&service, &vm_id, container.as_deref()).await;
+                run(key.clone(), hint.clone()).await;
                 let mut queued = lock(&this.queued);
-                match queued.get_mut(&vm_id) {
+                match queued.get_mut(&key) {
                     Some(again) if again.wanted => {
                         again.wanted = false;
-                        if let Some(c) = again.container.take() {
-                            container = Some(c);
+                        if let Some(h) = again.container.take() {
+                            hint = Some(h);
                         }
                     }
                     _ => {
-                        queued.remove(&vm_id);
+                        queued.remove(&key);
                         return;
                     }
                 }
@@ -155,5 +169,62 @@ async fn refresh(service: &VmService, vm_id: &str, container_hint: Option<&str>)
                 Err(e) => tracing::warn!(vm_id, error = %e, "could not read new vm"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_burst_costs_at_most_two_runs_per_key() {
+        let refreshes = Arc::new(Refreshes::default());
+        let runs = Arc::new(Mutex::new(Vec::<(String, Option<String>)>::new()));
+        let counted = {
+            let runs = runs.clone();
+            move |key: String, hint: Option<String>| {
+                let runs = runs.clone();
+                async move {
+                    lock(&runs).push((key, hint));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        for i in 0..100 {
+            refreshes.coalesce("vm-a", Some(&format!("c{i}")), counted.clone());
+        }
+        refreshes.coalesce("vm-b", None, counted.clone());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let runs = lock(&runs).clone();
+        let a: Vec<_> = runs.iter().filter(|(k, _)| k == "vm-a").collect();
+        assert_eq!(a.len(), 2, "{runs:?}");
+        // The first with its own hint, the one after with the newest.
+        assert_eq!(a[0].1.as_deref(), Some("c0"));
+        assert_eq!(a[1].1.as_deref(), Some("c99"));
+        assert_eq!(runs.iter().filter(|(k, _)| k == "vm-b").count(), 1);
+        assert!(lock(&refreshes.queued).is_empty(), "nothing left queued");
+    }
+
+    #[tokio::test]
+    async fn a_request_after_the_run_ends_runs_again() {
+        let refreshes = Arc::new(Refreshes::default());
+        let count = Arc::new(AtomicUsize::new(0));
+        let counted = {
+            let count = count.clone();
+            move |_: String, _: Option<String>| {
+                let count = count.clone();
+                async move {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        };
+        refreshes.coalesce("vm-a", None, counted.clone());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        refreshes.coalesce("vm-a", None, counted.clone());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(count.load(Ordering::SeqCst), 2);
     }
 }
