@@ -373,6 +373,10 @@ impl Metrics {
             "# TYPE metald_docker_event_stream_reconnects_total counter\nmetald_docker_event_stream_reconnects_total {}\n",
             crate::service::watch::RECONNECTS.load(std::sync::atomic::Ordering::Relaxed)
         ));
+        out.push_str(&format!(
+            "# TYPE metald_docker_inspects_total counter\nmetald_docker_inspects_total {}\n",
+            crate::backend::INSPECTS.load(std::sync::atomic::Ordering::Relaxed)
+        ));
         out
     }
 }

@@ -1,26 +1,20 @@
 //! DockerBackend: the bollard calls that make, drive and observe VM containers (spec §5).
 
-use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, HostConfig, PortBinding, RestartPolicy,
-    RestartPolicyNameEnum,
-};
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions,
-    KillContainerOptions, ListContainersOptions, RemoveContainerOptions, RestartContainerOptions,
-    StartContainerOptions, StatsOptions, StopContainerOptions,
+    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, KillContainerOptions,
+    RemoveContainerOptions, RestartContainerOptions, StartContainerOptions, StatsOptions,
+    StopContainerOptions,
 };
 use bollard::Docker;
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::StreamExt;
 
-use super::labels::{self, VmLabels};
-use super::{
-    ContainerEvent, ContainerSpec, ContainerStats, ContainerView, EngineInfo, Error, ErrorKind,
-};
-use crate::vm::{NetworkView, PortMapping};
+use super::convert::{split_image, stats_of, view_of};
+use super::labels::VmLabels;
+use super::{ContainerSpec, ContainerStats, ContainerView, EngineInfo, Error, ErrorKind};
 
 /// How containers are placed; from configuration.
 #[derive(Debug, Clone)]
@@ -63,18 +57,11 @@ impl Default for Hardening {
 /// Longest a single engine request may take. Stops carry their own grace period on top.
 const REQUEST_TIMEOUT_SECS: u64 = 120;
 
-/// Binding "address already in use" happens when a non-Docker process holds a port of the
-/// range; Docker picks the next port on a retry, so a few tries almost always succeed.
-const START_TRIES: usize = 3;
-
-/// Containers as listed and inspected.
-#[derive(Debug, Default)]
-pub struct Listing {
-    pub views: Vec<ContainerView>,
-    /// The labels (from the listing) of containers that could not be inspected, though the
-    /// engine answered: logged and passed over.
-    pub unreadable: Vec<HashMap<String, String>>,
-}
+/// Picks of a host port per start before giving up. A bind fails with "address already in
+/// use" when a process outside Docker holds the port Docker picked (see `host_ports`); Docker's
+/// range allocator moves on to the next port on every call, so each try gets another one.
+/// With one port in ten held, eight misses in a row happen once in 10⁸ starts.
+const START_TRIES: u32 = 8;
 
 /// The Docker Engine, through bollard.
 #[derive(Clone)]
@@ -107,7 +94,7 @@ impl DockerBackend {
         &self.settings
     }
 
-    fn docker(&self) -> Result<Docker, Error> {
+    pub(super) fn docker(&self) -> Result<Docker, Error> {
         let client = match self.client.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
@@ -228,50 +215,7 @@ impl DockerBackend {
     /// Creates (does not start) the container of a VM.
     #[tracing::instrument(name = "docker.create", level = "info", skip_all, fields(otel.kind = "client", container = %spec.name))]
     pub async fn create(&self, spec: &ContainerSpec) -> Result<String, Error> {
-        let s = &self.settings;
-        let range = format!("{}-{}", s.port_range.0, s.port_range.1);
-        let mut exposed = Vec::new();
-        let mut bindings = HashMap::new();
-        for p in &spec.ports {
-            let key = format!("{}/{}", p.port, p.protocol.as_str());
-            exposed.push(key.clone());
-            // Docker picks a free host port from the range itself: no two VMs can get the
-            // same port, and nothing needs tracking here.
-            bindings.insert(
-                key,
-                Some(vec![PortBinding {
-                    host_ip: Some(s.port_host_ip.clone()),
-                    host_port: Some(range.clone()),
-                }]),
-            );
-        }
-        let body = ContainerCreateBody {
-            image: Some(spec.image.clone()),
-            env: Some(spec.env.clone()),
-            labels: Some(spec.labels.to_map()),
-            exposed_ports: Some(exposed),
-            host_config: Some(HostConfig {
-                nano_cpus: Some(spec.nano_cpus),
-                memory: Some(spec.memory_bytes),
-                // Equal to memory: no swap beyond the limit.
-                memory_swap: Some(spec.memory_bytes),
-                port_bindings: Some(bindings),
-                extra_hosts: Some(vec!["host.docker.internal:host-gateway".to_owned()]),
-                network_mode: Some(s.network.clone()),
-                // A real init as PID 1: signals reach the workload (graceful stops) and
-                // zombies are reaped, whatever the image's entrypoint does.
-                init: Some(true),
-                // A VM that exits stays SHUTDOWN until asked to boot: metald, not Docker,
-                // decides when VMs run.
-                restart_policy: Some(RestartPolicy {
-                    name: Some(RestartPolicyNameEnum::NO),
-                    maximum_retry_count: None,
-                }),
-                auto_remove: Some(false),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let body = super::container::create_body(spec, &self.settings);
         let options = CreateContainerOptions {
             name: Some(spec.name.clone()),
             ..Default::default()
@@ -285,8 +229,9 @@ impl DockerBackend {
 
     #[tracing::instrument(name = "docker.inspect", level = "info", skip_all, fields(otel.kind = "client", container = %container))]
     pub async fn inspect(&self, container: &str) -> Result<ContainerView, Error> {
-        let r = self
-            .docker()?
+        let docker = self.docker()?;
+        super::INSPECTS.fetch_add(1, Ordering::Relaxed);
+        let r = docker
             .inspect_container(container, None::<InspectContainerOptions>)
             .await
             .map_err(|e| Error::new("inspect container", container, &e))?;
@@ -295,19 +240,30 @@ impl DockerBackend {
 
     #[tracing::instrument(name = "docker.start", level = "info", skip_all, fields(otel.kind = "client", container = %container))]
     pub async fn start(&self, container: &str) -> Result<(), Error> {
-        let mut tries = 0;
+        self.start_picking_ports(container, 0).await
+    }
+
+    /// Starts until a start does not fail for a host port held outside Docker, `START_TRIES`
+    /// picks in all (`tried` of them already spent); the error then says how many.
+    async fn start_picking_ports(&self, container: &str, mut tried: u32) -> Result<(), Error> {
         loop {
-            tries += 1;
+            tried += 1;
             let result = self
                 .docker()?
                 .start_container(container, None::<StartContainerOptions>)
                 .await
                 .map_err(|e| Error::new("start container", container, &e));
             match result {
-                Err(e) if tries < START_TRIES && is_address_in_use(&e) => {
-                    tracing::warn!(container, error = %e, "host port taken outside Docker; retrying start");
+                Err(e) if e.is_host_port_in_use() && tried < START_TRIES => {
+                    tracing::info!(container, tried, error = %e, "host port held outside Docker; starting again on another port");
                 }
-                other => return other,
+                Err(mut e) => {
+                    if let ErrorKind::HostPortInUse { tries, .. } = &mut e.kind {
+                        *tries = tried;
+                    }
+                    return Err(e);
+                }
+                Ok(()) => return Ok(()),
             }
         }
     }
@@ -360,10 +316,20 @@ impl DockerBackend {
             t: Some(t),
             ..Default::default()
         };
-        self.docker_for(grace.unwrap_or_default())?
+        let result = self
+            .docker_for(grace.unwrap_or_default())?
             .restart_container(container, Some(options))
             .await
-            .map_err(|e| Error::new("restart container", container, &e))
+            .map_err(|e| Error::new("restart container", container, &e));
+        match result {
+            // The stop half went through and the start half could not bind: the container is
+            // down now. Start it on other ports, so a reboot never leaves a VM stopped.
+            Err(e) if e.is_host_port_in_use() => {
+                tracing::info!(container, error = %e, "restart could not bind a host port held outside Docker; starting on another port");
+                self.start_picking_ports(container, 1).await
+            }
+            other => other,
+        }
     }
 
     #[tracing::instrument(name = "docker.remove", level = "info", skip_all, fields(otel.kind = "client", container = %container, force))]
@@ -400,150 +366,6 @@ impl DockerBackend {
             .map_err(|e| Error::new("read stats", container, &e))?;
         Ok(stats_of(reading))
     }
-
-    /// Every container that claims to be a VM made by metald (any scope), inspected.
-    pub async fn list_vm_containers(&self) -> Result<Listing, Error> {
-        let filter = format!("{}={}", labels::CREATED_BY, labels::CREATED_BY_VALUE);
-        self.list_inspected(HashMap::from([("label".to_owned(), vec![filter])]))
-            .await
-    }
-
-    /// Every container whose name starts with `prefix`, inspected.
-    pub async fn list_named(&self, prefix: &str) -> Result<Vec<ContainerView>, Error> {
-        let views = self
-            .list_inspected(HashMap::from([(
-                "name".to_owned(),
-                vec![prefix.to_owned()],
-            )]))
-            .await?
-            .views;
-        // Docker's name filter matches anywhere in the name: keep true prefixes only.
-        Ok(views
-            .into_iter()
-            .filter(|v| v.name.starts_with(prefix))
-            .collect())
-    }
-
-    async fn list_inspected(
-        &self,
-        filters: HashMap<String, Vec<String>>,
-    ) -> Result<Listing, Error> {
-        let options = ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        };
-        let summaries = self
-            .docker()?
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| Error::new("list containers", "", &e))?;
-        let listed: Vec<(String, HashMap<String, String>)> = summaries
-            .into_iter()
-            .filter_map(|s| Some((s.id?, s.labels.unwrap_or_default())))
-            .collect();
-        // Inspections are independent; a handful at a time keeps startup quick on big hosts
-        // without flooding the engine.
-        let views: Vec<_> = futures::stream::iter(listed)
-            .map(|(id, labels)| async move { (self.inspect(&id).await, labels) })
-            .buffer_unordered(8)
-            .collect()
-            .await;
-        let mut listing = Listing::default();
-        for (view, labels) in views {
-            match view {
-                Ok(v) => listing.views.push(v),
-                // Removed between list and inspect: simply not there any more.
-                Err(e) if e.is_not_found() => {}
-                // One container can hang an inspect until it times out: the engine is only
-                // gone if it does not answer a ping either.
-                Err(e) if e.is_unavailable() && self.ping().await.is_err() => return Err(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not inspect a VM container; passing over it");
-                    listing.unreadable.push(labels);
-                }
-            }
-        }
-        Ok(listing)
-    }
-
-    /// Whether the engine has a network of that name (or id).
-    #[tracing::instrument(name = "docker.network", level = "info", skip_all, fields(otel.kind = "client", network = %network))]
-    pub async fn network_exists(&self, network: &str) -> Result<bool, Error> {
-        match self
-            .docker()?
-            .inspect_network(
-                network,
-                None::<bollard::query_parameters::InspectNetworkOptions>,
-            )
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) => {
-                let err = Error::new("inspect network", network, &e);
-                if err.is_not_found() {
-                    Ok(false)
-                } else {
-                    Err(err)
-                }
-            }
-        }
-    }
-
-    /// Container events of VM containers since `since` (Unix seconds), as they happen.
-    pub fn events(
-        &self,
-        since: i64,
-    ) -> impl Stream<Item = Result<ContainerEvent, Error>> + Send + 'static {
-        let filters = HashMap::from([
-            ("type".to_owned(), vec!["container".to_owned()]),
-            (
-                "label".to_owned(),
-                vec![format!(
-                    "{}={}",
-                    labels::CREATED_BY,
-                    labels::CREATED_BY_VALUE
-                )],
-            ),
-        ]);
-        let options = EventsOptions {
-            since: Some(since.to_string()),
-            filters: Some(filters),
-            ..Default::default()
-        };
-        let docker = match self.docker() {
-            Ok(docker) => docker,
-            Err(e) => return futures::stream::once(async { Err(e) }).left_stream(),
-        };
-        docker
-            .events(Some(options))
-            .map_err(|e| Error::new("follow events", "", &e))
-            .try_filter_map(|m| async move {
-                let actor = m.actor.unwrap_or_default();
-                let attributes = actor.attributes.unwrap_or_default();
-                let (Some(container_id), Some(vm_id)) =
-                    (actor.id, attributes.get(labels::VM_ID).cloned())
-                else {
-                    return Ok(None);
-                };
-                // "exec_start: sh" and the like carry a suffix after the action word.
-                let action = m.action.unwrap_or_default();
-                let action = action
-                    .split(':')
-                    .next()
-                    .unwrap_or_default()
-                    .trim()
-                    .to_owned();
-                let scope = labels::scope_of(&attributes).to_owned();
-                Ok(Some(ContainerEvent {
-                    container_id,
-                    vm_id,
-                    scope,
-                    action,
-                }))
-            })
-            .right_stream()
-    }
 }
 
 fn connect(host: &str) -> Result<Docker, Error> {
@@ -558,161 +380,11 @@ fn connect(host: &str) -> Result<Docker, Error> {
     result.map_err(|e| Error::new("connect", host, &e))
 }
 
-fn is_address_in_use(e: &Error) -> bool {
-    matches!(&e.kind, ErrorKind::PortsExhausted(m) if m.contains("address already in use"))
-}
-
 fn secs(d: Duration) -> i32 {
     d.as_secs().min(i32::MAX as u64) as i32
-}
-
-/// `repo:tag` → (`repo`, Some(`tag`)); a digest or no tag leaves the reference whole.
-fn split_image(image: &str) -> (&str, Option<&str>) {
-    if image.contains('@') {
-        return (image, None);
-    }
-    match image.rsplit_once(':') {
-        Some((repo, tag)) if !tag.contains('/') => (repo, Some(tag)),
-        _ => (image, Some("latest")),
-    }
-}
-
-/// Docker's RFC 3339 times; the zero time (never started) reads as `None`.
-fn parse_time(raw: Option<&str>) -> Option<SystemTime> {
-    let raw = raw?;
-    if raw.starts_with("0001-") {
-        return None;
-    }
-    humantime::parse_rfc3339_weak(raw.trim_end_matches('Z')).ok()
-}
-
-fn view_of(r: ContainerInspectResponse, default_network: &str) -> ContainerView {
-    let state = r.state.unwrap_or_default();
-    let status = state.status.map(|s| s.to_string()).unwrap_or_default();
-    let config = r.config.unwrap_or_default();
-    let settings = r.network_settings.unwrap_or_default();
-    let mut network = NetworkView {
-        network: default_network.to_owned(),
-        ..Default::default()
-    };
-    if let Some(networks) = settings.networks {
-        let chosen = networks
-            .get(default_network)
-            .map(|e| (default_network.to_owned(), e.clone()))
-            .or_else(|| networks.into_iter().next());
-        if let Some((name, endpoint)) = chosen {
-            network.network = name;
-            network.ip_address = endpoint.ip_address.unwrap_or_default();
-            network.mac_address = endpoint.mac_address.unwrap_or_default();
-            network.gateway = endpoint.gateway.unwrap_or_default();
-        }
-    }
-    for (key, bindings) in settings.ports.unwrap_or_default() {
-        let Some((port, proto)) = key.split_once('/') else {
-            continue;
-        };
-        let Ok(container_port) = port.parse::<u16>() else {
-            continue;
-        };
-        // One binding per address family; the first parseable one is the host port.
-        let host_port = bindings
-            .unwrap_or_default()
-            .into_iter()
-            .find_map(|b| b.host_port.and_then(|p| p.parse::<u16>().ok()));
-        if let Some(host_port) = host_port {
-            network.ports.push(PortMapping {
-                container_port,
-                host_port,
-                protocol: proto.to_owned(),
-            });
-        }
-    }
-    network.ports.sort();
-    let exit_code = state.exit_code;
-    ContainerView {
-        id: r.id.unwrap_or_default(),
-        name: r
-            .name
-            .unwrap_or_default()
-            .trim_start_matches('/')
-            .to_owned(),
-        labels: config.labels.unwrap_or_default(),
-        image: config.image.unwrap_or_default(),
-        status,
-        started_at: parse_time(state.started_at.as_deref()),
-        finished_at: parse_time(state.finished_at.as_deref()),
-        exit_code,
-        network,
-    }
-}
-
-fn stats_of(r: bollard::models::ContainerStatsResponse) -> ContainerStats {
-    let cpu_total_ns = r
-        .cpu_stats
-        .and_then(|c| c.cpu_usage)
-        .and_then(|u| u.total_usage)
-        .unwrap_or(0);
-    let memory = r.memory_stats.unwrap_or_default();
-    let entries =
-        |list: Option<Vec<bollard::models::ContainerBlkioStatEntry>>| -> Vec<(String, u64)> {
-            list.unwrap_or_default()
-                .into_iter()
-                .map(|e| (e.op.unwrap_or_default(), e.value.unwrap_or(0)))
-                .collect()
-        };
-    let blkio = r.blkio_stats.unwrap_or_default();
-    let networks = r
-        .networks
-        .unwrap_or_default()
-        .into_values()
-        .map(|n| {
-            (
-                n.rx_bytes.unwrap_or(0),
-                n.tx_bytes.unwrap_or(0),
-                n.rx_packets.unwrap_or(0),
-                n.tx_packets.unwrap_or(0),
-            )
-        })
-        .collect();
-    ContainerStats {
-        cpu_total_ns,
-        running: memory.usage.is_some() || cpu_total_ns > 0,
-        memory_usage: memory.usage.unwrap_or(0),
-        memory_stat: memory.stats.unwrap_or_default(),
-        blkio_bytes: entries(blkio.io_service_bytes_recursive),
-        blkio_ops: entries(blkio.io_serviced_recursive),
-        networks,
-    }
 }
 
 /// Reads a container's VM labels, if it is a valid VM.
 pub fn vm_labels(view: &ContainerView) -> Result<VmLabels, String> {
     VmLabels::from_map(&view.labels)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splits_image_references() {
-        assert_eq!(split_image("busybox"), ("busybox", Some("latest")));
-        assert_eq!(split_image("busybox:1.36"), ("busybox", Some("1.36")));
-        assert_eq!(
-            split_image("localhost:5000/app"),
-            ("localhost:5000/app", Some("latest"))
-        );
-        assert_eq!(
-            split_image("localhost:5000/app:v2"),
-            ("localhost:5000/app", Some("v2"))
-        );
-        assert_eq!(split_image("app@sha256:abc"), ("app@sha256:abc", None));
-    }
-
-    #[test]
-    fn parses_docker_times() {
-        assert!(parse_time(Some("0001-01-01T00:00:00Z")).is_none());
-        let t = parse_time(Some("2026-11-22T06:00:00.123456789Z")).unwrap();
-        assert_eq!(crate::vm::unix_seconds(t), 1_795_327_200);
-    }
 }

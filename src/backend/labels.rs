@@ -22,10 +22,21 @@ pub const CREATED_AT: &str = "unkey.vm.created_at";
 /// The scope used when none is configured; its containers keep the compat name.
 pub const DEFAULT_SCOPE: &str = "default";
 
-/// The scope a container's labels name. Containers of the service we replace carry none:
-/// they belong to the default one.
+/// The scope a container's labels name; `default` when there is none. (The old service's
+/// containers carry none either, but [`is_legacy`] keeps them out before the scope matters.)
 pub fn scope_of(labels: &HashMap<String, String>) -> &str {
     labels.get(SCOPE).map_or(DEFAULT_SCOPE, String::as_str)
+}
+
+/// Whether the labels are those of a container made by the service we replace: its two compat
+/// labels and none of ours. Such containers are left alone: not VMs of any scope here (no
+/// owner, no config to answer with), and never reaped (they ran customers' workloads).
+pub fn is_legacy(labels: &HashMap<String, String>) -> bool {
+    labels.contains_key(VM_ID)
+        && labels.get(CREATED_BY).map(String::as_str) == Some(CREATED_BY_VALUE)
+        && ![SCOPE, CUSTOMER, CONFIG, CREATED_AT]
+            .iter()
+            .any(|key| labels.contains_key(*key))
 }
 
 /// A VM's identity as stored on its container.
@@ -133,10 +144,28 @@ mod tests {
     }
 
     #[test]
-    fn legacy_containers_belong_to_the_default_scope() {
+    fn a_missing_scope_label_reads_as_the_default_scope() {
         let mut map = sample().to_map();
         map.remove(SCOPE);
         assert_eq!(VmLabels::from_map(&map).unwrap().scope, DEFAULT_SCOPE);
+    }
+
+    #[test]
+    fn the_old_services_containers_are_legacy_and_no_vms() {
+        let old = HashMap::from([
+            (VM_ID.to_owned(), "ud-123".to_owned()),
+            (CREATED_BY.to_owned(), CREATED_BY_VALUE.to_owned()),
+        ]);
+        assert!(is_legacy(&old));
+        assert!(VmLabels::from_map(&old).is_err());
+        assert!(!is_legacy(&sample().to_map()));
+        let mut half = sample().to_map();
+        half.remove(CONFIG);
+        assert!(
+            !is_legacy(&half),
+            "one of our labels makes it ours (a broken one)"
+        );
+        assert!(!is_legacy(&HashMap::new()));
     }
 
     #[test]

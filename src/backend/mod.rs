@@ -3,14 +3,28 @@
 //! Takes and returns domain types only; bollard types never leave this module. Docker errors
 //! are classified once, in [`classify`], into what callers can act on.
 
+mod container;
+mod convert;
 pub mod docker;
+mod events;
+pub mod host_ports;
 pub mod labels;
+mod listing;
+pub mod network;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::time::SystemTime;
 
 pub use docker::DockerBackend;
+pub use events::LIFECYCLE_ACTIONS;
 pub use labels::VmLabels;
+pub use listing::{Listed, Listing};
+pub use network::VmNetwork;
+
+/// Every container inspect metald has made, for /metrics: the engine work that events,
+/// re-lists and operations cost (a VM must not be able to drive it up).
+pub static INSPECTS: AtomicU64 = AtomicU64::new(0);
 
 use crate::vm::{ExposedPort, NetworkView};
 
@@ -94,9 +108,13 @@ pub enum ErrorKind {
     /// The engine cannot be reached (socket missing, connection refused, timeout).
     #[error("engine unreachable: {0}")]
     Unavailable(String),
-    /// No free host port in the configured range.
+    /// Docker's allocator has no free host port in the configured range.
     #[error("no host port left: {0}")]
     PortsExhausted(String),
+    /// The host port Docker picked is held by a process outside Docker (an outgoing
+    /// connection's ephemeral port, say), `tries` picks in a row.
+    #[error("host port held outside docker ({tries} tries): {message}")]
+    HostPortInUse { tries: u32, message: String },
     /// The image is not present and cannot be pulled.
     #[error("image unavailable: {0}")]
     ImageUnavailable(String),
@@ -119,9 +137,14 @@ pub fn classify(err: &bollard::errors::Error) -> ErrorKind {
                 404 => ErrorKind::NotFound(message.clone()),
                 409 => ErrorKind::Conflict(message.clone()),
                 304 => ErrorKind::NotModified,
+                // Docker's allocator does not know ports that other processes hold; its
+                // proxy's bind then fails. Not exhaustion: another pick may well succeed.
+                _ if lower.contains("address already in use") => ErrorKind::HostPortInUse {
+                    tries: 1,
+                    message: message.clone(),
+                },
                 _ if lower.contains("port is already allocated")
-                    || lower.contains("all ports are allocated")
-                    || lower.contains("address already in use") =>
+                    || lower.contains("all ports are allocated") =>
                 {
                     ErrorKind::PortsExhausted(message.clone())
                 }
@@ -160,6 +183,24 @@ impl Error {
     pub fn is_unavailable(&self) -> bool {
         matches!(self.kind, ErrorKind::Unavailable(_))
     }
+
+    pub fn is_host_port_in_use(&self) -> bool {
+        matches!(self.kind, ErrorKind::HostPortInUse { .. })
+    }
+}
+
+impl ErrorKind {
+    /// The `address:port` a failed bind names (`listen tcp4 127.0.0.1:33164: bind: …`).
+    pub fn held_address(&self) -> Option<&str> {
+        let ErrorKind::HostPortInUse { message, .. } = self else {
+            return None;
+        };
+        let after = &message[message.find("listen ")? + "listen ".len()..];
+        // Past the protocol word (`tcp4`, `udp6`, …), up to the `: bind` that follows.
+        let (_, rest) = after.split_once(' ')?;
+        let end = rest.find(": bind")?;
+        Some(&rest[..end])
+    }
 }
 
 #[cfg(test)]
@@ -193,9 +234,28 @@ mod tests {
             ErrorKind::PortsExhausted(_)
         ));
         assert!(matches!(
+            classify(&server(
+                500,
+                "driver failed programming external connectivity: all ports are allocated"
+            )),
+            ErrorKind::PortsExhausted(_)
+        ));
+        assert!(matches!(
             classify(&server(400, "invalid reference format")),
             ErrorKind::Rejected { status: 400, .. }
         ));
+    }
+
+    #[test]
+    fn a_port_held_outside_docker_is_not_exhaustion() {
+        let kind = classify(&server(
+            500,
+            "driver failed programming external connectivity on endpoint unkey-vm-x (abc): \
+             Error starting userland proxy: listen tcp4 127.0.0.1:33164: bind: address already in use",
+        ));
+        assert!(matches!(kind, ErrorKind::HostPortInUse { tries: 1, .. }));
+        assert_eq!(kind.held_address(), Some("127.0.0.1:33164"));
+        assert_eq!(ErrorKind::NotModified.held_address(), None);
     }
 
     #[test]

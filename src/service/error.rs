@@ -51,6 +51,13 @@ impl Error {
             K::PortsExhausted(reason) => Error::ResourceExhausted(format!(
                 "vm {vm_id}: no free host port in the configured range: {reason}"
             )),
+            // Not exhaustion: the ports were free to Docker, a process outside it held them.
+            // Another try picks other ports, so the caller may well succeed by retrying.
+            ref kind @ K::HostPortInUse { tries, .. } => Error::Unavailable(format!(
+                "vm {vm_id}: host port {} is held by a process outside Docker (tried {tries} port{}); retry",
+                kind.held_address().unwrap_or("of the configured range"),
+                if tries == 1 { "" } else { "s" },
+            )),
             K::ImageUnavailable(reason) => {
                 Error::FailedPrecondition(format!("image {} cannot be had: {reason}", err.target))
             }
@@ -65,5 +72,28 @@ impl Error {
                 err.op
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_held_outside_docker_is_unavailable_not_exhausted() {
+        let err = backend::Error {
+            op: "start container",
+            target: "c".into(),
+            kind: backend::ErrorKind::HostPortInUse {
+                tries: 8,
+                message: "Error starting userland proxy: listen tcp4 127.0.0.1:33164: bind: address already in use".into(),
+            },
+        };
+        assert_eq!(
+            Error::from_backend("vm-1", err),
+            Error::Unavailable(
+                "vm vm-1: host port 127.0.0.1:33164 is held by a process outside Docker (tried 8 ports); retry".into()
+            )
+        );
     }
 }

@@ -1,9 +1,16 @@
-//! Keeps the index true to Docker (spec §6): at (re)connect, re-list and reconcile (removing
-//! leftovers of interrupted creates), then follow the event stream; reconnect with backoff
-//! when the engine goes away, answering `unavailable` meanwhile.
+//! Keeps the index true to Docker (spec §6): at (re)connect, make sure the VM network exists,
+//! reap leftovers and re-list, then follow the event stream, re-listing every minute; reconnect
+//! with backoff when the engine goes away, answering `unavailable` meanwhile.
+//!
+//! VMs are hostile (spec §5.1) and can make Docker emit events at will, so only lifecycle
+//! events are followed and each VM's re-reads are coalesced (`refresh`): what an event costs
+//! is bounded per VM, whatever the VM does.
+
+mod reap;
+mod refresh;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -11,9 +18,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::VmService;
-use crate::backend::{self, labels};
-use crate::vm::index::VmSlot;
-use crate::vm::VmId;
+use crate::backend::{self, host_ports};
 
 /// Counts event-stream reconnects, for /metrics.
 pub static RECONNECTS: AtomicU64 = AtomicU64::new(0);
@@ -21,8 +26,35 @@ pub static RECONNECTS: AtomicU64 = AtomicU64::new(0);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// How often a connected instance re-lists: repairs whatever a dropped event missed (the
+/// event stream is not a guaranteed delivery), and re-reads the network's subnets. A re-list
+/// costs one list call, one inspect per container of this scope (8 at a time) and a second,
+/// under the VM's lock, only for those the index disagrees with; other scopes' containers
+/// are not inspected.
+pub const RELIST_EVERY: Duration = Duration::from_secs(60);
+
+/// One instance's watch: what outlives a single connection.
+struct Watch {
+    service: Arc<VmService>,
+    refreshes: Arc<refresh::Refreshes>,
+    left_alone: reap::LeftAlone,
+    /// The network warning is said once per process, not at every reconnect.
+    network_warned: AtomicBool,
+    /// Whether the last network check failed (its error is logged when that starts).
+    network_failing: AtomicBool,
+}
+
 /// Runs until `cancel`: connect, reconcile, follow events, repeat.
 pub async fn run(service: Arc<VmService>, cancel: CancellationToken) {
+    warn_if_host_ports_overlap(&service);
+    let watch = Watch {
+        service,
+        refreshes: Arc::default(),
+        left_alone: reap::LeftAlone::default(),
+        network_warned: AtomicBool::new(false),
+        network_failing: AtomicBool::new(false),
+    };
+    let service = &watch.service;
     let mut backoff = BACKOFF_MIN;
     // One warning per outage (the first failed attempt at start counts as one), then quiet.
     let mut warned = false;
@@ -30,7 +62,7 @@ pub async fn run(service: Arc<VmService>, cancel: CancellationToken) {
         if cancel.is_cancelled() {
             return;
         }
-        match connect_and_follow(&service, &cancel).await {
+        match connect_and_follow(&watch, &cancel).await {
             Ok(()) => return,
             Err(e) => {
                 if service.docker_up() {
@@ -55,16 +87,28 @@ pub async fn run(service: Arc<VmService>, cancel: CancellationToken) {
     }
 }
 
+/// Only a local engine shares this host's ephemeral ports; for a remote one, this host's
+/// settings say nothing.
+fn warn_if_host_ports_overlap(service: &VmService) {
+    let settings = service.backend().settings();
+    if settings.host.starts_with("tcp://") || settings.host.starts_with("http://") {
+        return;
+    }
+    if let Some(warning) = host_ports::check_this_host(settings.port_range) {
+        tracing::warn!("{warning}");
+    }
+}
+
 /// One connection's life. `Ok` only when cancelled.
 async fn connect_and_follow(
-    service: &Arc<VmService>,
+    watch: &Watch,
     cancel: &CancellationToken,
 ) -> Result<(), backend::Error> {
+    let service = &watch.service;
     let engine = service.backend().negotiate().await?;
     // Events since just before the re-list are replayed, so nothing between the two is missed.
     let since = crate::vm::unix_seconds(SystemTime::now()) - 1;
-    resync(service).await?;
-    warn_if_network_missing(service).await;
+    relist(watch).await?;
     if !service.docker_up() {
         tracing::info!(
             version = engine.version,
@@ -76,13 +120,22 @@ async fn connect_and_follow(
     }
     service.set_docker_up(true);
     let mut events = Box::pin(service.backend().events(since));
+    let mut relist_timer =
+        tokio::time::interval_at(tokio::time::Instant::now() + RELIST_EVERY, RELIST_EVERY);
+    relist_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
+            _ = relist_timer.tick() => {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    result = relist(watch) => result?,
+                }
+            }
             next = events.next() => match next {
                 Some(Ok(event)) => {
                     if event.scope == service.scope() {
-                        spawn_refresh(service, &event.vm_id, Some(&event.container_id));
+                        watch.refreshes.request(service, &event.vm_id, Some(&event.container_id));
                     }
                 }
                 Some(Err(e)) => return Err(e),
@@ -98,66 +151,77 @@ async fn connect_and_follow(
     }
 }
 
-/// The configured network is checked at every connect: without it every BootVm fails, and
-/// the operator should hear why before the first caller does.
-async fn warn_if_network_missing(service: &Arc<VmService>) {
-    let network = &service.backend().settings().network;
-    match service.backend().network_exists(network).await {
-        Ok(true) => {}
-        Ok(false) => tracing::error!(
-            network,
-            "UNKEY_METALD_DOCKER_NETWORK names a network the engine does not have: BootVm fails until it exists"
-        ),
-        Err(e) => tracing::warn!(network, error = %e, "could not check the docker network"),
-    }
+/// The network, the reaper and the index, brought in line with the engine.
+async fn relist(watch: &Watch) -> Result<(), backend::Error> {
+    ensure_network(watch).await?;
+    reap::reap(&watch.service, &watch.left_alone).await?;
+    resync(watch).await
 }
 
-/// Lists every VM container of this scope and brings the index in line; removes containers
-/// named like VMs of this scope that carry no valid labels (leftovers of interrupted creates).
-/// One container that cannot be removed or inspected is logged and passed over: it must not
-/// keep the whole instance answering `unavailable`.
-async fn resync(service: &Arc<VmService>) -> Result<(), backend::Error> {
-    let backend = service.backend();
-    for zombie in backend
-        .list_named(&labels::name_prefix(service.scope()))
-        .await?
-    {
-        let Err(why) = backend::docker::vm_labels(&zombie) else {
-            continue;
-        };
-        // The default scope's names are a prefix of every scope's: a container that says it
-        // belongs to another scope is that scope's to reap.
-        if zombie
-            .labels
-            .get(labels::SCOPE)
-            .is_some_and(|scope| scope != service.scope())
-        {
-            continue;
+/// Makes sure the VM network exists and hands its subnets to the listeners' guard. Checked at
+/// every connect and re-list: without it every BootVm fails, and the operator should hear why
+/// before the first caller does. `Err` only when the engine is gone.
+async fn ensure_network(watch: &Watch) -> Result<(), backend::Error> {
+    let service = &watch.service;
+    let name = &service.backend().settings().network;
+    let network = match service.backend().ensure_network().await {
+        Ok(network) => network,
+        Err(e) if e.is_unavailable() => return Err(e),
+        Err(e) => {
+            if !watch.network_failing.swap(true, Ordering::Relaxed) {
+                tracing::error!(network = name, error = %e, "cannot create or read the VM network (UNKEY_METALD_DOCKER_NETWORK): creating VMs fails until it exists");
+            }
+            return Ok(());
         }
-        tracing::warn!(
-            container = zombie.name,
-            container_id = zombie.id,
-            reason = why,
-            "removing leftover container of an interrupted create"
+    };
+    watch.network_failing.store(false, Ordering::Relaxed);
+    if network.created {
+        tracing::info!(
+            network = name,
+            network_id = network.id,
+            "created the VM network (bridge, inter-container traffic off)"
         );
-        if let Err(e) = backend.remove(&zombie.id, true).await {
-            if e.is_unavailable() && backend.ping().await.is_err() {
-                return Err(e);
-            }
-            if !e.is_not_found() {
-                tracing::warn!(container = zombie.name, error = %e, "could not remove leftover container; passing over it");
-            }
+    }
+    let as_metald_makes_it = network.ours && network.isolated;
+    if !as_metald_makes_it && !watch.network_warned.swap(true, Ordering::Relaxed) {
+        if network.isolated {
+            tracing::warn!(
+                network = name,
+                "the VM network was not made by metald; using it as it is"
+            );
+        } else {
+            tracing::warn!(
+                network = name,
+                "VMs can reach each other on the VM network: it is not a bridge with inter-container traffic off (com.docker.network.bridge.enable_icc=false); using it as it is"
+            );
         }
     }
+    service.peer_guard().set_vm_subnets(network.subnets);
+    Ok(())
+}
+
+/// Lists every VM container of this scope and brings the index in line. One container that
+/// cannot be inspected is logged and passed over: it must not keep the whole instance
+/// answering `unavailable`.
+async fn resync(watch: &Watch) -> Result<(), backend::Error> {
+    let service = &watch.service;
     let mut seen = HashSet::new();
-    let listing = backend.list_vm_containers().await?;
+    let listing = service
+        .backend()
+        .list_vm_containers(service.scope())
+        .await?;
     for view in listing.views {
         let id = view.id.clone();
-        match service.snapshot_of(view) {
-            Ok(snapshot) => {
-                let vm_id = snapshot.vm_id.clone();
+        let known = service
+            .snapshot_of(view.clone())
+            .map(|s| (s.vm_id.clone(), s));
+        match known {
+            Ok((vm_id, snapshot)) => {
                 match service.index().get(&vm_id) {
-                    Some(_) => refresh_soon(service, &vm_id, Some(&id)).await,
+                    Some(slot) if refresh::unchanged(&slot.snapshot(), &view) => {}
+                    // The listing's inspect may be older than an operation that finished
+                    // since: re-read under the VM's lock rather than store it.
+                    Some(_) => watch.refreshes.soon(service, &vm_id, Some(&view.id)).await,
                     None => {
                         service.index().insert_new(snapshot);
                     }
@@ -167,111 +231,15 @@ async fn resync(service: &Arc<VmService>) -> Result<(), backend::Error> {
             Err(why) => tracing::debug!(container_id = id, reason = why, "not a VM of this scope"),
         }
     }
-    if listing
-        .unreadable
-        .iter()
-        .any(|l| labels::scope_of(l) == service.scope())
-    {
+    if !listing.unreadable.is_empty() {
         // A container of ours could not be inspected: do not conclude that any VM is gone.
         return Ok(());
     }
-    // Gone while we were not looking; refresh confirms under the lock before removing.
+    // Gone while we were not looking; the re-read confirms under the lock before removing.
     for vm_id in service.index().ids() {
         if !seen.contains(&vm_id) {
-            refresh_soon(service, &vm_id, None).await;
+            watch.refreshes.soon(service, &vm_id, None).await;
         }
     }
     Ok(())
-}
-
-/// Refreshes a known VM now when no operation holds it; otherwise after that operation (which
-/// may hold it for a whole grace period), in the background.
-async fn refresh_soon(service: &Arc<VmService>, vm_id: &VmId, container: Option<&str>) {
-    let Some(slot) = service.index().get(vm_id) else {
-        return;
-    };
-    let guard = slot.op_lock.try_lock();
-    match guard {
-        Ok(_serialised) => reread(service, vm_id, &slot).await,
-        Err(_) => spawn_refresh(service, vm_id.as_str(), container),
-    };
-}
-
-fn spawn_refresh(service: &Arc<VmService>, vm_id: &str, container: Option<&str>) {
-    let service = service.clone();
-    let vm_id = vm_id.to_owned();
-    let container = container.map(str::to_owned);
-    tokio::spawn(async move { refresh(&service, &vm_id, container.as_deref()).await });
-}
-
-/// Inspects a known VM and records what Docker says. The caller holds the VM's op lock.
-#[tracing::instrument(name = "vm.refresh", level = "info", skip_all, fields(vm_id = %id))]
-async fn reread(service: &VmService, id: &VmId, slot: &VmSlot) {
-    if slot.is_removed() {
-        return;
-    }
-    let index = service.index();
-    let container_id = slot.snapshot().container_id.clone();
-    match service.backend().inspect(&container_id).await {
-        Ok(view) => match service.snapshot_of(view) {
-            Ok(snapshot) => {
-                index.upsert(snapshot);
-            }
-            Err(why) => tracing::warn!(vm_id = %id, reason = why, "container no longer a valid VM"),
-        },
-        Err(e) if e.is_not_found() => {
-            if index.remove(id, Some(&container_id)) {
-                tracing::info!(vm_id = %id, container_id, "vm container removed outside metald");
-            }
-        }
-        Err(e) => tracing::warn!(vm_id = %id, error = %e, "could not refresh vm"),
-    }
-}
-
-/// Re-reads one VM from Docker and records it (or its absence).
-#[tracing::instrument(name = "vm.refresh", level = "info", skip_all, fields(vm_id))]
-pub(crate) async fn refresh(service: &VmService, vm_id: &str, container_hint: Option<&str>) {
-    let Ok(id) = VmId::parse(vm_id) else { return };
-    let index = service.index();
-    match index.get(&id) {
-        Some(slot) => {
-            let _serialised = slot.op_lock.lock().await;
-            if slot.is_removed() {
-                return;
-            }
-            let container_id = slot.snapshot().container_id.clone();
-            match service.backend().inspect(&container_id).await {
-                Ok(view) => match service.snapshot_of(view) {
-                    Ok(snapshot) => {
-                        index.upsert(snapshot);
-                    }
-                    Err(why) => {
-                        tracing::warn!(vm_id, reason = why, "container no longer a valid VM")
-                    }
-                },
-                Err(e) if e.is_not_found() => {
-                    if index.remove(&id, Some(&container_id)) {
-                        tracing::info!(vm_id, container_id, "vm container removed outside metald");
-                    }
-                }
-                Err(e) => tracing::warn!(vm_id, error = %e, "could not refresh vm"),
-            }
-        }
-        // A VM the index does not know yet: made by a create in flight or another instance
-        // of this scope.
-        None => {
-            let Some(container) = container_hint else {
-                return;
-            };
-            match service.backend().inspect(container).await {
-                Ok(view) => {
-                    if let Ok(snapshot) = service.snapshot_of(view) {
-                        index.insert_new(snapshot);
-                    }
-                }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => tracing::warn!(vm_id, error = %e, "could not read new vm"),
-            }
-        }
-    }
 }
