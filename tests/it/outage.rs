@@ -83,20 +83,34 @@ async fn starts_without_a_docker_socket_and_connects_later() {
     c.delete(&id, true).await.unwrap();
 }
 
-/// Docker answers 404 to a start when the container's network is missing: that is a
-/// failed precondition of a VM that still exists, not a VM that is gone.
+/// metald makes its VM network when it is missing (spec §5); one removed behind its back
+/// while it runs makes Docker answer 404 to a start: that is a failed precondition of a VM
+/// that still exists, not a VM that is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_network_fails_boot_and_keeps_the_vm() {
+async fn a_network_removed_behind_metalds_back_fails_boot_and_keeps_the_vm() {
     let network = format!("metald-missing-{}", std::process::id());
+    struct RemoveNetwork(String);
+    impl Drop for RemoveNetwork {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("docker")
+                .args(["network", "rm", &self.0])
+                .output();
+        }
+    }
+    let _cleanup = RemoveNetwork(network.clone());
     let m = Metald::start_with("nonet", &[("UNKEY_METALD_DOCKER_NETWORK", &network)]).await;
     assert!(
-        m.log_text()
-            .contains("names a network the engine does not have"),
+        m.log_text().contains("created the VM network"),
         "{}",
         m.log_text()
     );
     let c = m.client("alice");
     let id = c.create(small_config()).await.unwrap();
+    let removed = std::process::Command::new("docker")
+        .args(["network", "rm", &network])
+        .output()
+        .expect("docker network rm");
+    assert!(removed.status.success(), "{removed:?}");
     let e = c.boot(&id).await.unwrap_err();
     assert_eq!(e.code, "failed_precondition", "{e:?}");
     assert!(e.message.contains(&network), "{e:?}");

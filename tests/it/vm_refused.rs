@@ -109,7 +109,7 @@ async fn a_vm_gets_no_answer_from_any_listener_while_the_host_does() {
     let log = metald.log_text();
     let warnings = log
         .lines()
-        .filter(|l| l.contains("WARN") && l.contains("refused"))
+        .filter(|l| l.contains("WARN") && l.contains("refusing a connection"))
         .count();
     assert!(
         (1..=3).contains(&warnings),

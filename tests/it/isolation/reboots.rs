@@ -21,10 +21,9 @@ use crate::support::*;
 
 const VMS: usize = 20;
 const CLIENTS: usize = 20;
-/// 1,000 take about 5 minutes on a busy 2-core machine (the engine restarts ~3.5
-/// containers a second there): the default keeps the suite near 3 minutes;
-/// `METALD_IT_REBOOTS=1000` runs the full count.
-const REBOOTS: usize = 600;
+/// The count. 1,000 take 3–5 minutes on a 2-core machine (the engine restarts
+/// 3.5–6 containers a second); `METALD_IT_REBOOTS=N` runs another count.
+const REBOOTS: usize = 1000;
 /// Outgoing connections the test holds open; about a quarter land in 30000–40000.
 const HELD: usize = 3000;
 /// Every `PIN_EVERY`th port ahead of the allocator is held, over this many ports.
