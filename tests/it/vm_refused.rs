@@ -64,7 +64,12 @@ async fn a_vm_gets_no_answer_from_any_listener_while_the_host_does() {
         .expect("host.docker.internal in the VM's /etc/hosts")
         .to_owned();
 
-    let rpc = from_vm(&container, &gateway, metald.port, &connect_list_request("alice"));
+    let rpc = from_vm(
+        &container,
+        &gateway,
+        metald.port,
+        &connect_list_request("alice"),
+    );
     assert!(
         rpc.starts_with("HTTP/1.0 403") || rpc.starts_with("HTTP/1.1 403"),
         "ListVms from the VM: {rpc:?}"
@@ -79,7 +84,10 @@ async fn a_vm_gets_no_answer_from_any_listener_while_the_host_does() {
         "GET /health HTTP/1.0\\r\\nHost: metald\\r\\n\\r\\n",
     );
     assert!(health.contains(" 403 "), "/health from the VM: {health:?}");
-    assert!(!health.contains("docker"), "/health leaked its body: {health}");
+    assert!(
+        !health.contains("docker"),
+        "/health leaked its body: {health}"
+    );
 
     let metrics = from_vm(
         &container,
@@ -87,7 +95,10 @@ async fn a_vm_gets_no_answer_from_any_listener_while_the_host_does() {
         prometheus,
         "GET /metrics HTTP/1.0\\r\\nHost: metald\\r\\n\\r\\n",
     );
-    assert!(metrics.contains(" 403 "), "/metrics from the VM: {metrics:?}");
+    assert!(
+        metrics.contains(" 403 "),
+        "/metrics from the VM: {metrics:?}"
+    );
     assert!(!metrics.contains("metald_"), "/metrics leaked: {metrics}");
 
     // The host is answered, on loopback and on the very address the VM used.
@@ -103,7 +114,12 @@ async fn a_vm_gets_no_answer_from_any_listener_while_the_host_does() {
 
     // One warning for the source, however often it knocked.
     for _ in 0..3 {
-        from_vm(&container, &gateway, metald.port, &connect_list_request("alice"));
+        from_vm(
+            &container,
+            &gateway,
+            metald.port,
+            &connect_list_request("alice"),
+        );
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let log = metald.log_text();
