@@ -2,39 +2,12 @@
 //! customer (live VMs), and "force means now" — a force stop or delete during another call's
 //! graceful stop (or reboot) of the same VM kills at once.
 
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use metald::proto::vmprovisioner::{self as pb, VmState};
 
 use crate::support::*;
-
-/// An image whose workload ignores SIGTERM, so a graceful stop waits out its whole grace.
-const NO_TERM_IMAGE: &str = "metald-test-noterm:latest";
-static NO_TERM_ONCE: Once = Once::new();
-
-/// Builds `NO_TERM_IMAGE` from the busybox test image once per run (metald takes no command
-/// from a request: the image's own command is the VM's workload).
-fn ensure_no_term_image() {
-    ensure_image();
-    NO_TERM_ONCE.call_once(|| {
-        if !docker(&["image", "inspect", "-f", "{{.Id}}", NO_TERM_IMAGE]).is_empty() {
-            return;
-        }
-        let builder = format!("metald-it-noterm-{}", std::process::id());
-        docker(&["create", "--name", &builder, IMAGE]);
-        let committed = docker(&[
-            "commit",
-            "--change",
-            r#"CMD ["/bin/sh", "-c", "trap '' TERM; while true; do sleep 1; done"]"#,
-            &builder,
-            NO_TERM_IMAGE,
-        ]);
-        docker(&["rm", "-f", &builder]);
-        assert!(!committed.is_empty(), "could not build {NO_TERM_IMAGE}");
-    });
-}
 
 fn code_of<T: std::fmt::Debug>(r: Result<T, RpcError>) -> RpcError {
     r.expect_err("expected an error")
@@ -227,11 +200,11 @@ const KILLED_EARLY: &str = "killed during another operation's grace period";
 
 /// A VM whose workload ignores SIGTERM, booted.
 async fn stubborn_vm(c: &Client) -> String {
-    ensure_no_term_image();
+    ensure_noterm_image();
     let mut config = small_config();
     config
         .metadata
-        .insert("docker_image".into(), NO_TERM_IMAGE.into());
+        .insert("docker_image".into(), NOTERM_IMAGE.into());
     let id = c.create(config).await.expect("create");
     c.boot(&id).await.expect("boot");
     id

@@ -3,8 +3,6 @@
 //! (2,000 silent connections against a 1024-descriptor limit). Traffic goes to 127.0.0.1
 //! only.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,129 +11,34 @@ use metald::proto::vmprovisioner as pb;
 
 use crate::support::*;
 
-/// The test image with a command that ignores SIGTERM, so a graceful stop takes its whole
-/// grace period and holds the VM's operation lock meanwhile. (A VM's command is the image's;
-/// CreateVm has no field for it.)
-const NOTERM_IMAGE: &str = "metald-test-noterm:latest";
-
-fn ensure_noterm_image() {
-    ensure_image();
-    let present = Command::new("docker")
-        .args(["image", "inspect", NOTERM_IMAGE])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if present {
-        return;
-    }
-    // `trap '' TERM` in the shell docker-init forwards SIGTERM to.
-    let dockerfile = format!(
-        "FROM {IMAGE}\nCMD [\"/bin/sh\", \"-c\", \"trap '' TERM; while true; do sleep 1; done\"]\n"
-    );
-    let mut build = Command::new("docker")
-        .args(["build", "-q", "-t", NOTERM_IMAGE, "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("docker build");
-    {
-        use std::io::Write as _;
-        let mut stdin = build.stdin.take().expect("stdin");
-        stdin.write_all(dockerfile.as_bytes()).expect("dockerfile");
-    }
-    assert!(build.wait().expect("docker build").success());
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// A metald started by this file: possibly under a wrapper (`prlimit`), its pid known for
-/// /proc readings.
+/// A metald started by this file: possibly under a wrapper (`prlimit`), with readings of its
+/// /proc entries.
 struct Proc {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-    _guard: ScopeGuard,
+    m: Metald,
 }
 
 impl Proc {
     async fn start(test: &str, wrapper: &[&str], env: &[(&str, &str)]) -> Self {
         ensure_noterm_image();
-        let scope = scope(test);
-        remove_scope_containers(&scope);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("metald.log");
-        let out = std::fs::File::create(&log).expect("log");
-        let port = free_port();
-        let mut cmd = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(env!("CARGO_BIN_EXE_metald"));
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_metald")),
-        };
-        cmd.env("UNKEY_METALD_ADDRESS", "127.0.0.1")
-            .env("UNKEY_METALD_PORT", port.to_string())
-            .env("UNKEY_METALD_DOCKER_SCOPE", &scope)
-            .env("UNKEY_METALD_DATA_DIR", dir.path().join("data"))
-            .env("UNKEY_METALD_DOCKER_PORT_HOST_IP", "127.0.0.1")
-            // The VM network is not what this file tests: the engine's default bridge
-            // exists everywhere.
-            .env("UNKEY_METALD_DOCKER_NETWORK", "bridge")
-            .env("UNKEY_METALD_BILLING_ENABLED", "false")
-            .env("UNKEY_METALD_LOG_LEVEL", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out);
-        for (k, v) in env {
-            cmd.env(k, v);
+        Proc {
+            m: Metald::start_wrapped(test, wrapper, env).await,
         }
-        let p = Proc {
-            // prlimit execs the program: the child's pid is metald's.
-            child: cmd.spawn().expect("spawn metald"),
-            port,
-            log,
-            _dir: dir,
-            _guard: ScopeGuard(scope),
-        };
-        p.wait_healthy().await;
-        p
     }
 
     fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.m.base()
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.m.log_text()
     }
 
-    async fn wait_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = reqwest::get(format!("{}/health", self.base())).await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "metald not healthy in 30 s; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    fn pid(&self) -> u32 {
+        self.m.pid().expect("metald running")
     }
 
     fn proc_status(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .expect("metald's /proc status");
         status
             .lines()
@@ -151,11 +54,11 @@ impl Proc {
 
     /// CPU time used so far (user + system).
     fn cpu(&self) -> Duration {
-        cpu_of(&format!("/proc/{}/stat", self.child.id()))
+        cpu_of(&format!("/proc/{}/stat", self.pid()))
     }
 
     fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| d.count())
             .unwrap_or(0)
     }
@@ -179,14 +82,6 @@ impl Proc {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("{name} in /metrics"))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // Our own child, by its pid.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -334,7 +229,7 @@ async fn burst_round(
     let sampler = {
         let sampling = sampling.clone();
         let rss_peak = rss_peak.clone();
-        let status = format!("/proc/{}/status", m.child.id());
+        let status = format!("/proc/{}/status", m.pid());
         tokio::spawn(async move {
             while sampling.load(Ordering::Relaxed) {
                 if let Some(kib) = std::fs::read_to_string(&status)
@@ -601,7 +496,7 @@ async fn silent_connections_do_not_keep_a_new_client_out() {
     let mut silent = Vec::with_capacity(SILENT);
     for _ in 0..SILENT {
         silent.push(
-            tokio::net::TcpStream::connect(("127.0.0.1", m.port))
+            tokio::net::TcpStream::connect(("127.0.0.1", m.m.port))
                 .await
                 .expect("connect"),
         );

@@ -29,6 +29,35 @@ pub fn ensure_image() {
     });
 }
 
+/// The test image with a workload that ignores SIGTERM, so a graceful stop waits out its
+/// whole grace (and holds the VM's operation lock meanwhile). metald takes no command from a
+/// request: the image's own command is the VM's workload.
+pub const NOTERM_IMAGE: &str = "metald-test-noterm:latest";
+
+static NOTERM_ONCE: Once = Once::new();
+
+/// Builds [`NOTERM_IMAGE`] from the busybox test image once per test run.
+pub fn ensure_noterm_image() {
+    ensure_image();
+    NOTERM_ONCE.call_once(|| {
+        if !docker(&["image", "inspect", "-f", "{{.Id}}", NOTERM_IMAGE]).is_empty() {
+            return;
+        }
+        let builder = format!("metald-it-noterm-{}", std::process::id());
+        docker(&["create", "--name", &builder, IMAGE]);
+        // `trap '' TERM` in the shell that docker-init forwards SIGTERM to.
+        let committed = docker(&[
+            "commit",
+            "--change",
+            r#"CMD ["/bin/sh", "-c", "trap '' TERM; while true; do sleep 1; done"]"#,
+            &builder,
+            NOTERM_IMAGE,
+        ]);
+        docker(&["rm", "-f", &builder]);
+        assert!(!committed.is_empty(), "could not build {NOTERM_IMAGE}");
+    });
+}
+
 /// A scope name unique to this test run and test.
 pub fn scope(test: &str) -> String {
     let short: String = test
@@ -98,6 +127,8 @@ pub struct Metald {
     pub data_dir: PathBuf,
     log: PathBuf,
     extra_env: Vec<(String, String)>,
+    /// A program metald runs under (e.g. `prlimit --nofile=1024:1024`), which execs it.
+    wrapper: Vec<String>,
     _dir: tempfile::TempDir,
     _guard: Arc<ScopeGuard>,
 }
@@ -113,8 +144,19 @@ impl Metald {
         m
     }
 
+    /// Starts metald under `wrapper` (a program that execs it, so the pid is metald's).
+    pub async fn start_wrapped(test: &str, wrapper: &[&str], env: &[(&str, &str)]) -> Self {
+        let m = Self::launch_wrapped(test, wrapper, env);
+        m.wait_healthy().await;
+        m
+    }
+
     /// Starts metald without waiting for it to become healthy.
     pub fn launch_with(test: &str, env: &[(&str, &str)]) -> Self {
+        Self::launch_wrapped(test, &[], env)
+    }
+
+    fn launch_wrapped(test: &str, wrapper: &[&str], env: &[(&str, &str)]) -> Self {
         ensure_image();
         let scope = scope(test);
         remove_scope_containers(&scope);
@@ -128,6 +170,7 @@ impl Metald {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             _guard: Arc::new(ScopeGuard(scope.clone())),
             scope,
             _dir: dir,
@@ -149,7 +192,14 @@ impl Metald {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_metald"));
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(env!("CARGO_BIN_EXE_metald"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_metald")),
+        };
         cmd.env("UNKEY_METALD_ADDRESS", "127.0.0.1")
             .env("UNKEY_METALD_PORT", self.port.to_string())
             .env("UNKEY_METALD_DOCKER_SCOPE", &self.scope)
@@ -168,6 +218,11 @@ impl Metald {
 
     pub fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// metald's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log_text(&self) -> String {
