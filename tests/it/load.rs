@@ -11,6 +11,9 @@ use metald::proto::vmprovisioner as pb;
 
 use crate::support::*;
 
+/// The two tests here each load both cores: one at a time, so neither measures the other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A metald started by this file: possibly under a wrapper (`prlimit`), with readings of its
 /// /proc entries.
 struct Proc {
@@ -323,6 +326,7 @@ async fn burst_round(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_rpcs_against_64_slots() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let m = Proc::start(
         "inflight",
         &[],
@@ -473,6 +477,7 @@ async fn five_thousand_rpcs_against_64_slots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_do_not_keep_a_new_client_out() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     const SILENT: usize = 2_000;
     // The test holds every connection open: make sure it may.
     let mut rl = libc::rlimit {
