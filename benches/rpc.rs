@@ -126,9 +126,11 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // The same container as metald makes: its network (made by metald at start, a bridge
+    // with inter-container traffic off) and its hardening.
     let raw = DockerBackend::new(DockerSettings {
         host: "unix:///var/run/docker.sock".into(),
-        network: "bridge".into(),
+        network: "unkey-vms".into(),
         port_host_ip: "127.0.0.1".into(),
         port_range: (30000, 40000),
         pull_timeout: Duration::from_secs(60),
