@@ -228,20 +228,15 @@ impl Config {
                     })?;
             }
         }
-        let built = builder.build().map_err(|e| ConfigError::File {
+        let file_error = |e: config::ConfigError| ConfigError::File {
             path: file
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             reason: e.to_string(),
-        })?;
-        let Raw(values) = built.try_deserialize().map_err(|e| ConfigError::File {
-            path: file
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            reason: e.to_string(),
-        })?;
+        };
+        let built = builder.build().map_err(file_error)?;
+        let Raw(values) = built.try_deserialize().map_err(file_error)?;
         let source_of = |key: &str| -> String {
             if from_env.contains(&key) {
                 env_name(key)
